@@ -1,0 +1,82 @@
+"""EngineCore: the scheduler driving an executor, one step at a time.
+
+The executor is anything with `capacity` and `execute(StepInput) -> StepOutput`: the in-process
+ModelRunner (offline LLM) or the gRPC client of a worker process (services). The same class
+serves both, so the offline API and the services run one scheduling policy.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Protocol
+
+from services.sampling_params import SamplingParams
+from services.scheduler.request import Request, Status
+from services.scheduler.scheduler import Scheduler, SchedulerConfig, TokenEvent
+from services.step import StepInput, StepOutput, WorkerCapacity
+
+
+class Executor(Protocol):
+    @property
+    def capacity(self) -> WorkerCapacity: ...
+
+    def execute(self, step: StepInput) -> StepOutput: ...
+
+
+class EngineCore:
+    def __init__(self, executor: Executor, config: SchedulerConfig) -> None:
+        self.executor = executor
+        self.capacity = executor.capacity
+        self.scheduler = Scheduler(config, self.capacity)
+        self._ids = itertools.count()
+        self.device_seconds = 0.0
+
+    @property
+    def max_model_len(self) -> int:
+        return self.scheduler.max_model_len
+
+    def next_request_id(self) -> str:
+        return str(next(self._ids))
+
+    def check_request(self, prompt_token_ids: list[int], sampling: SamplingParams) -> None:
+        """Every check that can reject a request, without side effects: callers validate a whole
+        batch before queueing any of it."""
+        sampling.validate()
+        self.scheduler.check_prompt(len(prompt_token_ids))
+        vocab = self.capacity.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt_token_ids: token id {bad[0]} outside the vocabulary of {vocab}")
+        if (
+            sampling.max_tokens is not None
+            and len(prompt_token_ids) + sampling.max_tokens > self.max_model_len
+        ):
+            # vLLM rejects too; silently truncating would surprise a caller who asked for N tokens.
+            raise ValueError(
+                f"max_tokens: prompt ({len(prompt_token_ids)} tokens) + max_tokens ({sampling.max_tokens}) "
+                f"exceeds max_model_len ({self.max_model_len})"
+            )
+
+    def add_request(self, req_id: str, prompt_token_ids: list[int], sampling: SamplingParams) -> Request:
+        self.check_request(prompt_token_ids, sampling)
+        req = Request.new(req_id, prompt_token_ids, sampling, self.capacity.eos_token_ids)
+        self.scheduler.add(req)
+        return req
+
+    def abort(self, req_id: str) -> Request | None:
+        return self.scheduler.finish(req_id, Status.FINISHED_ABORTED)
+
+    def stop(self, req_id: str, stop_string: str) -> Request | None:
+        """A stop string was found in the detokenized text."""
+        return self.scheduler.finish(req_id, Status.FINISHED_STOPPED, stop_string)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[TokenEvent]:
+        step = self.scheduler.schedule()
+        if not step.num_scheduled_tokens and not step.dropped_req_ids:
+            return []
+        output = self.executor.execute(step)
+        self.device_seconds += output.compute_seconds
+        return self.scheduler.update(step, output)

@@ -1,0 +1,126 @@
+"""Greedy parity with Hugging Face transformers, through the offline LLM API.
+
+8 prompts of different lengths, 64 new tokens each, generated together in one LLM.generate call
+(so they are batched, chunked and decoded together), against transformers' generate one prompt
+at a time, in float32: token ids must be identical.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import build_tiny_llama, hf_greedy, random_prompts
+
+from pagemesh import LLM, SamplingParams
+
+NEW = 64
+GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW, min_tokens=NEW)
+
+
+def generate_ids(llm: LLM, prompts: list[list[int]], params: SamplingParams = GREEDY) -> list[list[int]]:
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.mark.parametrize(
+    "tie,kv_heads,rope_scaling",
+    [
+        (True, 2, None),  # GQA, tied embeddings
+        (False, 4, None),  # MHA, untied
+        (True, 1, None),  # MQA
+        (
+            False,
+            2,
+            {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+    ],
+    ids=["gqa-tied", "mha-untied", "mqa", "llama3-rope"],
+)
+def test_tiny_llama_greedy_matches_hf(tmp_path, tie, kv_heads, rope_scaling):
+    path = build_tiny_llama(tmp_path / "m", tie=tie, kv_heads=kv_heads, rope_scaling=rope_scaling)
+    prompts = random_prompts(8, 512)
+    ref = hf_greedy(path, prompts, NEW)
+    llm = LLM(str(path), dtype="float32", skip_tokenizer_init=True, max_num_batched_tokens=96)
+    assert generate_ids(llm, prompts) == ref
+
+
+def test_parity_holds_under_preemption(tmp_path):
+    path = build_tiny_llama(tmp_path / "m", kv_heads=2)
+    prompts = random_prompts(8, 512, seed=3)
+    ref = hf_greedy(path, prompts, NEW)
+    # 2 layers x K,V x 16 tokens x 2 kv heads x 16 dims x 4 bytes = 8 KiB a block; 12 blocks = 192 tokens,
+    # far less than 8 sequences of up to 154 tokens need together.
+    llm = LLM(
+        str(path), dtype="float32", skip_tokenizer_init=True, kv_cache_memory=12 * 8192, max_model_len=192
+    )
+    assert generate_ids(llm, prompts) == ref
+    assert llm.engine.scheduler.num_preemptions > 0
+    bm = llm.engine.scheduler.block_manager
+    assert bm.num_free == bm.num_blocks
+
+
+def test_parity_holds_with_prefix_cache_hits(tmp_path):
+    path = build_tiny_llama(tmp_path / "m", kv_heads=2)
+    shared = random_prompts(1, 512, seed=5, min_len=70, max_len=70)[0]
+    prompts = [shared + tail for tail in random_prompts(8, 512, seed=6, min_len=1, max_len=20)]
+    ref = hf_greedy(path, prompts, NEW)
+    llm = LLM(str(path), dtype="float32", skip_tokenizer_init=True)
+    first = generate_ids(llm, prompts[:1])  # warms the cache with the shared prefix
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+    assert first == ref[:1]
+    assert [o.outputs[0].token_ids for o in outs] == ref
+    hits = [o.num_cached_tokens for o in outs]
+    assert all(h >= 64 for h in hits), hits  # 4 full blocks of the 70-token prefix
+    bm = llm.engine.scheduler.block_manager
+    print(f"prefix cache: {bm.hit_tokens} of {bm.query_tokens} prompt tokens hit; per request {hits}")
+
+
+def test_chosen_token_logprobs_match_hf(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path = build_tiny_llama(tmp_path / "m", kv_heads=2)
+    prompts = random_prompts(4, 512, seed=9)
+    llm = LLM(str(path), dtype="float32", skip_tokenizer_init=True)
+    params = SamplingParams(temperature=0.0, max_tokens=16, min_tokens=16, logprobs=5)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for prompt, out in zip(prompts, outs, strict=True):
+        ids = prompt + out.outputs[0].token_ids
+        with torch.inference_mode():
+            logits = model(torch.tensor([ids])).logits[0].float()
+        ref = torch.log_softmax(logits, dim=-1)[len(prompt) - 1 : -1]
+        for step, (token, entry) in enumerate(
+            zip(out.outputs[0].token_ids, out.outputs[0].logprobs, strict=True)
+        ):
+            assert abs(entry[token].logprob - ref[step, token].item()) < 1e-4
+            assert entry[token].rank == 1  # greedy picks the most likely token
+            top = torch.topk(ref[step], 5)
+            got = sorted(((e.rank, tid) for tid, e in entry.items() if e.rank is not None))
+            assert [tid for _, tid in got][:5] == top.indices.tolist()
+
+
+def test_default_model_greedy_matches_hf_fp32(default_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    texts = [
+        "The capital of France is",
+        "Write a haiku about the sea.",
+        "def fibonacci(n):",
+        "Once upon a time, in a small village nestled between two mountains, there lived",
+        "Explain why the sky is blue in two sentences.",
+        "1, 2, 3, 4,",
+        "The quick brown fox jumps over the lazy dog. The quick brown fox",
+        "Translate to French: I would like a cup of coffee, please. Thank you very much for your help today.",
+    ]
+    prompts = [tok(t)["input_ids"] for t in texts]
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+    ref = hf_greedy(default_model_dir, prompts, NEW, model=model)
+    llm = LLM(str(default_model_dir), dtype="float32")
+    assert generate_ids(llm, prompts) == ref

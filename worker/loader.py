@@ -1,0 +1,64 @@
+"""Build a model from a local Hugging Face directory of safetensors files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from worker.model_config import ModelConfig
+from worker.models.llama import LlamaForCausalLM, Rotary
+
+
+def load_model(cfg: ModelConfig, dtype: torch.dtype, device: str, max_positions: int) -> LlamaForCausalLM:
+    files = sorted(Path(cfg.path).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"model: no *.safetensors files in {cfg.path!r}")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg, max_positions)
+    model = model.to_empty(device=device)
+    model.rotary = Rotary(cfg, max_positions).to(device)  # computed buffers, not weights: rebuild off meta
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                target, shard = _target_name(model, name)
+                if target is None:
+                    continue
+                if target not in params:
+                    raise ValueError(f"model: unexpected weight {name!r} in {file.name}")
+                tensor = f.get_tensor(name)
+                param = params[target]
+                if shard is None:
+                    param.data.copy_(tensor)
+                else:
+                    fused, index = shard
+                    sizes = model.shard_sizes(fused)
+                    start = sum(sizes[:index])
+                    param.data[start : start + sizes[index]].copy_(tensor)
+                loaded.add(f"{target}#{shard[1] if shard else ''}")
+    expected = {f"{n}#" for n in params if "qkv_proj" not in n and "gate_up_proj" not in n}
+    for n in params:
+        if "qkv_proj" in n:
+            expected |= {f"{n}#{i}" for i in range(3)}
+        elif "gate_up_proj" in n:
+            expected |= {f"{n}#{i}" for i in range(2)}
+    missing = expected - loaded
+    if missing:
+        raise ValueError(f"model: weights missing from checkpoint: {sorted(missing)[:5]}")
+    return model.to(dtype).eval()
+
+
+def _target_name(model: LlamaForCausalLM, name: str) -> tuple[str | None, tuple[str, int] | None]:
+    """Map a checkpoint tensor name to (parameter name, (fused name, shard index) or None)."""
+    if "rotary_emb" in name:
+        return None, None
+    if name == "lm_head.weight":
+        return (None, None) if model.lm_head is None else ("lm_head.weight", None)
+    name = name.removeprefix("model.")
+    for frag, (fused, index) in model.fused_weights.items():
+        if f".{frag}." in name:
+            return name.replace(frag, fused), (fused, index)
+    return name, None
