@@ -8,7 +8,10 @@ CORE := pagemesh services worker gateway tokenizer_svc
 
 .PHONY: install model serve test lint typecheck proto bench clean
 
-install: $(STAMP)
+PROTO_SRC := $(wildcard protos/pagemesh/v1/*.proto)
+PROTO_GEN := protos/pagemesh/v1/.generated
+
+install: $(STAMP) $(PROTO_GEN)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,8 +23,13 @@ $(STAMP): pyproject.toml
 model: install
 	$(PY) -m pagemesh.model_store
 
-proto: install
+$(PROTO_GEN): $(PROTO_SRC) $(STAMP)
 	$(PY) -m protos.build
+	@touch $@
+
+proto: $(STAMP)
+	$(PY) -m protos.build
+	@touch $(PROTO_GEN)
 
 serve: install model
 	$(VENV)/bin/pagemesh serve $(ARGS)

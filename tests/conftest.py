@@ -13,3 +13,14 @@ def default_model_dir() -> Path:
     from pagemesh.model_store import ensure_default_model
 
     return ensure_default_model()
+
+
+@pytest.fixture(scope="session")
+def stack(default_model_dir, tmp_path_factory):
+    """The real services (`pagemesh serve`) on the default model in float32, shared by the session.
+    Tests that kill or restart services start their own with tests.stack.start_stack."""
+    from stack import start_stack, stop_stack
+
+    s = start_stack(default_model_dir, tmp_path_factory.mktemp("stack") / "serve.log", "--dtype", "float32")
+    yield s
+    stop_stack(s)

@@ -1,0 +1,1 @@
+"""Benchmarks: `pagemesh bench throughput` (offline LLM API) and the peer comparison (`make bench`)."""

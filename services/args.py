@@ -1,0 +1,63 @@
+"""Command-line flags shared by `pagemesh serve` and the per-service commands, with vLLM's names."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dtype", default="auto", help="auto, float32, bfloat16 or float16 (auto: bf16 where fast)"
+    )
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    p.add_argument(
+        "--kv-cache-memory", type=int, default=None, help="bytes for the KV cache (CPU default 1 GiB)"
+    )
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of GPU memory to use")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--num-threads", type=int, default=None, help="torch threads (default: all cores)")
+
+
+def add_scheduler_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-num-seqs", type=int, default=128, help="most requests running at once")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--served-model-name", default=None, help="the model name clients use (default: dir name)")
+
+
+def worker_argv(a: argparse.Namespace) -> list[str]:
+    """The flags of add_worker_args, back as argv for a child process."""
+    argv = [
+        "--dtype",
+        a.dtype,
+        "--block-size",
+        str(a.block_size),
+        "--device",
+        a.device,
+        "--gpu-memory-utilization",
+        str(a.gpu_memory_utilization),
+    ]
+    for flag, value in (
+        ("--max-model-len", a.max_model_len),
+        ("--kv-cache-memory", a.kv_cache_memory),
+        ("--num-threads", a.num_threads),
+    ):
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def scheduler_argv(a: argparse.Namespace) -> list[str]:
+    argv = [
+        "--max-num-seqs",
+        str(a.max_num_seqs),
+        "--max-num-batched-tokens",
+        str(a.max_num_batched_tokens),
+        "--enable-prefix-caching" if a.enable_prefix_caching else "--no-enable-prefix-caching",
+    ]
+    if a.max_model_len is not None:
+        argv += ["--max-model-len", str(a.max_model_len)]
+    if a.served_model_name:
+        argv += ["--served-model-name", a.served_model_name]
+    return argv

@@ -1,0 +1,73 @@
+"""`pagemesh scheduler`: the engine core process, serving the public Inference API."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from pathlib import Path
+
+from services.args import add_scheduler_args
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="pagemesh scheduler", description="Serve pagemesh.v1.Inference over gRPC."
+    )
+    p.add_argument("--model", required=True, help="the model directory the worker serves (for names)")
+    p.add_argument(
+        "--address",
+        action="append",
+        default=None,
+        help="where to serve, host:port or unix:///path.sock; repeatable (default 127.0.0.1:50051)",
+    )
+    p.add_argument("--worker", required=True, help="the worker's address")
+    p.add_argument("--tokenizer", required=True, help="the tokenizer service's address")
+    p.add_argument("--max-model-len", type=int, default=None)
+    add_scheduler_args(p)
+    a = p.parse_args(argv)
+    asyncio.run(serve(a))
+    return 0
+
+
+async def serve(a: argparse.Namespace) -> None:
+    from protos.pagemesh.v1 import inference_pb2_grpc
+    from services.grpc_server import Service, start_aio_server
+    from services.scheduler.engine_loop import EngineLoop
+    from services.scheduler.scheduler import SchedulerConfig
+    from services.scheduler.service import InferenceServicer
+    from tokenizer_svc.client import TokenizerClient
+
+    addresses = a.address or ["127.0.0.1:50051"]
+    name = a.served_model_name or Path(a.model).name
+    tokenizer = TokenizerClient(a.tokenizer)
+    servicer = InferenceServicer(tokenizer, name, a.model)
+    config = SchedulerConfig(
+        max_num_seqs=a.max_num_seqs,
+        max_num_batched_tokens=a.max_num_batched_tokens,
+        max_model_len=a.max_model_len,
+        enable_prefix_caching=a.enable_prefix_caching,
+    )
+    print(f"scheduler: connecting to the worker at {a.worker} ...", flush=True)
+    engine_loop = await asyncio.to_thread(EngineLoop, a.worker, config, servicer.publish, servicer.on_failure)
+    servicer.engine_loop = engine_loop
+    engine_loop.start()
+    detok = asyncio.create_task(servicer.detokenize_forever())
+    server = await start_aio_server(
+        addresses,
+        [Service(inference_pb2_grpc.add_InferenceServicer_to_server, servicer, "pagemesh.v1.Inference")],
+    )
+    cap = engine_loop.engine.capacity
+    print(
+        f"scheduler: serving {name} on {', '.join(addresses)} ({cap.num_blocks} blocks x {cap.block_size}, "
+        f"max_model_len {engine_loop.engine.max_model_len})",
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(grace=2)
+    engine_loop.close()
+    detok.cancel()
