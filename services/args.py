@@ -24,6 +24,18 @@ def add_scheduler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--served-model-name", default=None, help="the model name clients use (default: dir name)")
+    p.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        default=1024,
+        help="queued requests beyond which new ones are refused (HTTP 429, gRPC RESOURCE_EXHAUSTED)",
+    )
+    p.add_argument(
+        "--worker-recovery-timeout",
+        type=float,
+        default=120.0,
+        help="seconds to wait for a lost worker before failing the requests it was serving",
+    )
 
 
 def worker_argv(a: argparse.Namespace) -> list[str]:
@@ -60,4 +72,10 @@ def scheduler_argv(a: argparse.Namespace) -> list[str]:
         argv += ["--max-model-len", str(a.max_model_len)]
     if a.served_model_name:
         argv += ["--served-model-name", a.served_model_name]
+    argv += [
+        "--max-waiting-requests",
+        str(a.max_waiting_requests),
+        "--worker-recovery-timeout",
+        str(a.worker_recovery_timeout),
+    ]
     return argv

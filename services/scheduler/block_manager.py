@@ -132,6 +132,7 @@ class BlockManager:
                 self.cached[parent] = block.block_id
 
     def reset_prefix_cache(self) -> None:
+        """Forget every cached block not in use (all of them once every request is released)."""
         for block in self.blocks:
             if block.ref_count == 0:
                 block.hash, block.token_ids = None, ()

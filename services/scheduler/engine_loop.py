@@ -56,8 +56,12 @@ class EngineLoop:
         config: SchedulerConfig,
         publish: Callable[[int, list[TokenRecord]], None],
         on_failure: Callable[[list[str], str], None],
+        worker_recovery_timeout: float = 120.0,
     ) -> None:
         self.worker_address = worker_address
+        self.worker_recovery_timeout = worker_recovery_timeout
+        self.num_worker_losses = 0
+        self.num_resumed_requests = 0
         self.engine = EngineCore(RemoteWorker(worker_address), config)
         self.publish = publish
         self.on_failure = on_failure
@@ -111,31 +115,61 @@ class EngineLoop:
             try:
                 events = self.engine.step()
             except WorkerError as e:
-                self._fail_all(str(e))
-                self._reconnect()
+                self._recover(str(e))
                 continue
             self.num_steps += 1
             self.last_step_time = time.monotonic()
             if events:
                 self.publish(self.engine.scheduler.step_id, [TokenRecord.of(ev) for ev in events])
 
-    def _fail_all(self, reason: str) -> None:
-        ids = list(self.engine.scheduler.requests)
-        for req_id in ids:
-            self.engine.abort(req_id)
-        self.engine.scheduler.to_drop.clear()  # that worker's state is gone with it
-        self.engine.scheduler.on_worker.clear()
-        log.error("worker failed; ended %d requests: %s", len(ids), reason)
-        self.on_failure(ids, reason)
-
-    def _reconnect(self) -> None:
+    def _recover(self, reason: str) -> None:
+        """Keep every request; wait for a worker to come back (the launcher or Kubernetes restarts
+        it); resume the requests by recompute, so their streams go on where they stopped. Only if
+        none returns within worker_recovery_timeout do the requests end, with an error."""
+        self.num_worker_losses += 1
+        resumed = self.engine.scheduler.requeue_all()
+        self.num_resumed_requests += len(resumed)
+        log.error(
+            "lost the worker (%s); %d requests wait to resume", reason, len(self.engine.scheduler.requests)
+        )
         old = self.engine.executor
         if isinstance(old, RemoteWorker):
             old.close()
+        deadline = time.monotonic() + self.worker_recovery_timeout
+        while not self._closed and time.monotonic() < deadline:
+            try:
+                worker = RemoteWorker(
+                    self.worker_address, connect_timeout=min(5.0, deadline - time.monotonic())
+                )
+            except WorkerError:
+                time.sleep(0.2)
+                continue
+            if worker.capacity.num_blocks < self.engine.capacity.num_blocks:
+                log.warning(
+                    "the new worker has fewer KV blocks (%d < %d); requests may be preempted more",
+                    worker.capacity.num_blocks,
+                    self.engine.capacity.num_blocks,
+                )
+            self.engine.executor = worker
+            log.warning(
+                "worker back at %s; resuming %d requests by recompute", self.worker_address, len(resumed)
+            )
+            return
+        ids = list(self.engine.scheduler.requests)
+        for req_id in ids:
+            self.engine.abort(req_id)
+        self.engine.scheduler.to_drop.clear()
+        log.error(
+            "no worker came back within %.0fs; ended %d requests", self.worker_recovery_timeout, len(ids)
+        )
+        self.on_failure(ids, f"worker unavailable for {self.worker_recovery_timeout:.0f}s: {reason}")
+        self._wait_for_worker()
+
+    def _wait_for_worker(self) -> None:
+        """With no request left to keep, wait (indefinitely) for a worker before serving again."""
         while not self._closed:
             try:
                 self.engine.executor = RemoteWorker(self.worker_address, connect_timeout=5.0)
-                log.warning("reconnected to the worker at %s", self.worker_address)
                 return
             except WorkerError:
                 time.sleep(0.5)

@@ -49,7 +49,10 @@ async def serve(a: argparse.Namespace) -> None:
         enable_prefix_caching=a.enable_prefix_caching,
     )
     print(f"scheduler: connecting to the worker at {a.worker} ...", flush=True)
-    engine_loop = await asyncio.to_thread(EngineLoop, a.worker, config, servicer.publish, servicer.on_failure)
+    servicer.max_waiting_requests = a.max_waiting_requests
+    engine_loop = await asyncio.to_thread(
+        EngineLoop, a.worker, config, servicer.publish, servicer.on_failure, a.worker_recovery_timeout
+    )
     servicer.engine_loop = engine_loop
     engine_loop.start()
     detok = asyncio.create_task(servicer.detokenize_forever())

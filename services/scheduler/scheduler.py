@@ -105,6 +105,22 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
+    def requeue_all(self) -> list[Request]:
+        """The worker and its KV memory are gone: every running request goes back to the front of the
+        queue, in admission order, to be recomputed from its prompt and the tokens it already has.
+        Cached prefixes lived in that memory, so the prefix cache is emptied too."""
+        resumed = list(self.running)
+        for req in reversed(resumed):
+            self.block_manager.release(req)
+            req.num_computed_tokens = 0
+            req.status = Status.PREEMPTED
+            self.waiting.appendleft(req)
+        self.running = []
+        self.on_worker.clear()
+        self.to_drop.clear()
+        self.block_manager.reset_prefix_cache()
+        return resumed
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 

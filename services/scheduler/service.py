@@ -69,6 +69,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self.model_path = model_path
         self.created = int(time.time())
         self.engine_loop: EngineLoop | None = None
+        self.max_waiting_requests = 1024
         self.parents: dict[str, Parent] = {}
         self.children: dict[str, Child] = {}
         self.pending_starts: list[tokenizer_pb2.DetokStart] = []
@@ -201,6 +202,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             self.engine_loop.engine.check_request(ids, params)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        waiting = len(self.children) - len(self.engine_loop.engine.scheduler.running)
+        if waiting + params.n > self.max_waiting_requests:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the server is overloaded: {waiting} requests are waiting "
+                f"(max {self.max_waiting_requests}); retry later",
+            )
         request_id = request.request_id or uuid.uuid4().hex
         if request_id in self.parents:
             await context.abort(
@@ -364,4 +372,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             prefix_cache_queries=bm.query_tokens,
             prefix_cache_hits=bm.hit_tokens,
             num_steps=self.engine_loop.num_steps,
+            num_worker_losses=self.engine_loop.num_worker_losses,
+            num_resumed_requests=self.engine_loop.num_resumed_requests,
         )
