@@ -126,9 +126,17 @@ def test_default_model_greedy_matches_hf_fp32(default_model_dir):
     assert generate_ids(llm, prompts) == ref
 
 
-def test_default_model_bf16_agreement_with_hf_bf16(default_model_dir):
-    """bfloat16 cannot be bit-identical to transformers (different kernels round differently; one flipped
-    near-tie changes everything after it), so this reports the agreement and guards against collapse."""
+def _common_prefix(a: list[list[int]], b: list[list[int]]) -> list[int]:
+    return [
+        next((i for i, (x, y) in enumerate(zip(u, v, strict=True)) if x != y), len(u))
+        for u, v in zip(a, b, strict=True)
+    ]
+
+
+def test_default_model_bf16_is_as_faithful_as_hf_bf16(default_model_dir):
+    """bfloat16 cannot match transformers bit for bit: kernels round differently and one flipped
+    near-tie changes everything after it (this Q4-dequantized model has many). So the guard is
+    fidelity to the float32 reference: our bf16 must stay as close to it as transformers' bf16 does."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(default_model_dir)
@@ -143,17 +151,26 @@ def test_default_model_bf16_agreement_with_hf_bf16(default_model_dir):
         "Translate to French: good morning",
     ]
     prompts = [tok(t)["input_ids"] for t in texts]
-    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.bfloat16).eval()
-    ref = hf_greedy(default_model_dir, prompts, NEW, model=model)
-    got = generate_ids(LLM(str(default_model_dir), dtype="bfloat16"), prompts)
-    prefix = []
-    for g, r in zip(got, ref, strict=True):
-        n = next((i for i, (a, b) in enumerate(zip(g, r, strict=True)) if a != b), len(r))
-        prefix.append(n)
-    identical = sum(n == NEW for n in prefix)
-    rate = sum(prefix) / (NEW * len(prefix))
-    print(
-        f"bf16 vs HF bf16: {identical}/{len(prefix)} identical; common-prefix agreement {rate:.1%}; {prefix}"
+    fp32 = hf_greedy(
+        default_model_dir,
+        prompts,
+        NEW,
+        model=AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval(),
     )
-    assert all(n >= 1 for n in prefix)  # the first token comes from nearly identical logits
-    assert rate >= 0.5
+    hf_bf16 = hf_greedy(
+        default_model_dir,
+        prompts,
+        NEW,
+        model=AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.bfloat16).eval(),
+    )
+    ours = generate_ids(LLM(str(default_model_dir), dtype="bfloat16"), prompts)
+    total = NEW * len(prompts)
+    hf_fidelity = sum(_common_prefix(hf_bf16, fp32)) / total
+    our_fidelity = sum(_common_prefix(ours, fp32)) / total
+    agreement = _common_prefix(ours, hf_bf16)
+    print(
+        f"common-prefix agreement with HF fp32: ours bf16 {our_fidelity:.1%}, HF bf16 {hf_fidelity:.1%}; "
+        f"ours bf16 vs HF bf16 {sum(agreement) / total:.1%} ({sum(n == NEW for n in agreement)}/8 identical)"
+    )
+    assert all(n >= 1 for n in agreement)  # the first token comes from nearly identical logits
+    assert our_fidelity >= hf_fidelity - 0.1

@@ -5,9 +5,9 @@ are scattered into it through a slot mapping (slot = block_id * block_size + off
 reads each sequence's context through its row of the block table.
 
 A step's flat batch puts decodes (one query token each) first, then prefill chunks. Decodes run
-as one batched matmul over the gathered, padded contexts: one query token through
-scaled_dot_product_attention in bf16 is very slow on CPU. Prefill chunks run one sequence at a
-time through SDPA, with a causal mask offset by the context already cached.
+as one batched fp32 SDPA over the gathered, padded contexts (one query token through SDPA in bf16
+is very slow on CPU). Prefill chunks run one sequence at a time through SDPA, with a causal mask
+offset by the context already cached.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ class AttentionMetadata:
     num_decodes: int  # the first num_decodes sequences have exactly one query token
     query_start_host: list[int]  # query_start_loc on the host, for the per-sequence prefill loop
     seq_lens_host: list[int]
+    num_kv_splits: int = 1  # split-KV slices per sequence (Triton path only; see attention_backend)
 
 
 def write_kv(
@@ -70,8 +71,8 @@ def paged_attention(
         else:
             kc = gather_context(k_cache, meta.block_tables[i], ctx)
             vc = gather_context(v_cache, meta.block_tables[i], ctx)
-            rows = torch.arange(ctx - n, ctx).unsqueeze(1)
-            mask = torch.arange(ctx).unsqueeze(0) <= rows
+            rows = torch.arange(ctx - n, ctx, device=q.device).unsqueeze(1)
+            mask = torch.arange(ctx, device=q.device).unsqueeze(0) <= rows
         o = F.scaled_dot_product_attention(
             q[lo:hi].transpose(0, 1).unsqueeze(0),
             kc.transpose(0, 1).unsqueeze(0),
@@ -88,20 +89,18 @@ def paged_attention(
 def _decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
+    """All decodes at once. The query heads sharing a KV head are folded into SDPA's query-length
+    axis ([B, kv_heads, group, D] against [B, kv_heads, L, D]), so no K/V is repeated per head; the
+    math runs in fp32, where CPU SDPA has a fast kernel (measured ~10x faster than bf16 matmuls)."""
     num_seqs, heads, head_dim = q.shape
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
-    group = heads // kv_heads
-    seq_lens = meta.seq_lens[:num_seqs]
     max_len = max(meta.seq_lens_host[:num_seqs])
     num_blocks = -(-max_len // block_size)
-    table = meta.block_tables[:num_seqs, :num_blocks]
-    # [B, L, kv_heads, head_dim] with L = num_blocks * block_size; padding is masked below.
-    keys = k_cache[table].flatten(1, 2)
-    values = v_cache[table].flatten(1, 2)
-    qg = q.view(num_seqs, kv_heads, group, head_dim)
-    scores = torch.matmul(qg, keys.permute(0, 2, 3, 1)).float() * scale  # [B, kvh, g, L]
-    pad = torch.arange(keys.shape[1]).unsqueeze(0) >= seq_lens.unsqueeze(1)  # [B, L]
-    scores.masked_fill_(pad[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(q.dtype)
-    out = torch.matmul(probs, values.permute(0, 2, 1, 3))  # [B, kvh, g, head_dim]
-    return out.reshape(num_seqs, heads, head_dim)
+    length = num_blocks * block_size
+    ids = meta.block_tables[:num_seqs, :num_blocks].flatten()
+    keys = k_cache.index_select(0, ids).view(num_seqs, length, kv_heads, head_dim).transpose(1, 2).float()
+    values = v_cache.index_select(0, ids).view(num_seqs, length, kv_heads, head_dim).transpose(1, 2).float()
+    visible = torch.arange(length, device=q.device).unsqueeze(0) < meta.seq_lens[:num_seqs].unsqueeze(1)
+    qg = q.view(num_seqs, kv_heads, heads // kv_heads, head_dim).float()
+    out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=visible[:, None, None, :], scale=scale)
+    return out.reshape(num_seqs, heads, head_dim).to(q.dtype)
