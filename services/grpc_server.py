@@ -14,13 +14,26 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 # Long streams and large prompts: raise gRPC's 4 MiB default message cap.
-CHANNEL_OPTIONS = [
+_MESSAGE_LIMITS = [
     ("grpc.max_send_message_length", 64 << 20),
     ("grpc.max_receive_message_length", 64 << 20),
+]
+# Clients ping every 10 s, even on idle streams, so a hung peer is noticed in seconds.
+CHANNEL_OPTIONS = [
+    *_MESSAGE_LIMITS,
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+]
+# Servers must accept those pings: by default gRPC allows one every 5 minutes without data and
+# answers more with GOAWAY (too_many_pings), which kills long-lived idle streams (the worker's
+# step stream between bursts of requests).
+SERVER_OPTIONS = [
+    *_MESSAGE_LIMITS,
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 0),
 ]
 
 
@@ -48,7 +61,7 @@ def _mark_serving(health_servicer: Any, services: Sequence[Service]) -> None:
 
 def start_server(addresses: Sequence[str], services: Sequence[Service], max_workers: int = 16) -> grpc.Server:
     """A threaded gRPC server, listening and SERVING when this returns."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=CHANNEL_OPTIONS)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=SERVER_OPTIONS)
     health_servicer = health.HealthServicer()
     _register(server, services, health_servicer)
     for address in addresses:
@@ -61,7 +74,7 @@ def start_server(addresses: Sequence[str], services: Sequence[Service], max_work
 
 async def start_aio_server(addresses: Sequence[str], services: Sequence[Service]) -> grpc.aio.Server:
     """An asyncio gRPC server, listening and SERVING when this returns."""
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     health_servicer = health.aio.HealthServicer()
     _register(server, services, health_servicer)
     for address in addresses:
