@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
-CORE := pagemesh services worker gateway tokenizer_svc
+CORE := pagemesh services worker gateway tokenizer_svc deploy
 
 .PHONY: install model serve test lint typecheck proto bench clean
 

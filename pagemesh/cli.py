@@ -15,6 +15,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in SERVICES:
         return run_service(argv[0], argv[1:])
+    if argv and argv[0] == "deploy":
+        from deploy.envoy.cli import main as deploy_main
+
+        return deploy_main(argv[1:])
     if argv[:2] == ["bench", "throughput"]:
         from pagemesh.bench.throughput import main as throughput_main
 
@@ -25,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_parser("serve", help="start all services: the OpenAI API on --port, gRPC on --grpc-port")
     )
     sub.add_parser("model", help="provision the default model and print its path")
+    sub.add_parser("deploy", help="deployment files (see `pagemesh deploy envoy-config -h`)")
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     bench.add_parser(
         "throughput", help="offline LLM.generate throughput (see `pagemesh bench throughput -h`)"

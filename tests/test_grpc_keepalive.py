@@ -10,13 +10,13 @@ import queue
 import time
 
 import grpc
+from tiny_models import build_tiny_llama
 
 from protos.pagemesh.v1 import worker_pb2, worker_pb2_grpc
 from services.convert import step_input_to_proto
 from services.grpc_server import CHANNEL_OPTIONS, Service, start_server
 from services.sampling_params import SamplingParams
 from services.step import CachedRequest, NewRequest, StepInput
-from tiny_models import build_tiny_llama
 from worker.model_runner import ModelRunner
 from worker.service import WorkerServicer
 

@@ -70,7 +70,34 @@ async def serve(a: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    drain = DrainToggle(server.health_servicer)
+    loop.add_signal_handler(signal.SIGUSR1, lambda: loop.create_task(drain.toggle()))
     await stop.wait()
     await server.stop(grace=2)
     engine_loop.close()
     detok.cancel()
+
+
+class DrainToggle:
+    """SIGUSR1 drains this replica: pagemesh.v1.Inference turns NOT_SERVING, so Envoy's health checks
+    and readiness probes stop sending work while requests in flight finish; SIGUSR1 again undrains.
+    The overall ("") status stays SERVING: liveness asks for that, and the process is alive."""
+
+    def __init__(self, health_servicer) -> None:  # noqa: ANN001 - grpc_health's aio servicer
+        self.health = health_servicer
+        self.serving = True
+
+    async def toggle(self) -> None:
+        from grpc_health.v1 import health_pb2
+
+        self.serving = not self.serving
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if self.serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self.health.set("pagemesh.v1.Inference", status)
+        print(
+            f"scheduler: pagemesh.v1.Inference {'SERVING' if self.serving else 'NOT_SERVING'} (SIGUSR1)",
+            flush=True,
+        )
