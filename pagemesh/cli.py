@@ -23,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
         from pagemesh.bench.throughput import main as throughput_main
 
         return throughput_main(argv[2:])
+    if argv[:2] == ["bench", "serve"]:
+        from pagemesh.bench.serve import main as serve_bench_main
+
+        return serve_bench_main(argv[2:])
     p = argparse.ArgumentParser(prog="pagemesh", description="LLM serving as microservices.")
     sub = p.add_subparsers(dest="command", required=True)
     serve_parser(
@@ -33,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     bench.add_parser(
         "throughput", help="offline LLM.generate throughput (see `pagemesh bench throughput -h`)"
+    )
+    bench.add_parser(
+        "serve", help="online serving benchmark of an OpenAI endpoint (see `pagemesh bench serve -h`)"
     )
     for name in SERVICES:
         sub.add_parser(name, help=f"run the {name} service alone (see `pagemesh {name} -h`)")

