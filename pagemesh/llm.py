@@ -46,6 +46,8 @@ class LLM:
         kv_cache_memory: int | None = None,
         gpu_memory_utilization: float = 0.9,
         device: str = "cpu",
+        attention_backend: str = "auto",
+        enforce_eager: bool = False,
         skip_tokenizer_init: bool = False,
         seed: int | None = None,
     ) -> None:
@@ -62,6 +64,9 @@ class LLM:
             max_model_len=max_model_len,
             kv_cache_memory=kv_cache_memory,
             gpu_memory_utilization=gpu_memory_utilization,
+            attention_backend=attention_backend,
+            enforce_eager=enforce_eager,
+            max_num_seqs=max_num_seqs,
         )
         config = SchedulerConfig(
             max_num_seqs=max_num_seqs,

@@ -26,6 +26,9 @@ def num_blocks_for(
     gpu_memory_utilization x total after the weights; on CPU a 1 GiB default."""
     if kv_cache_memory is None:
         if device.startswith("cuda"):
+            # Blocks the caching allocator holds but no tensor uses (e.g. the fp32 copies the loader
+            # casts away) would count as used: give them back first.
+            torch.cuda.empty_cache()
             free, total = torch.cuda.mem_get_info()
             used = total - free
             kv_cache_memory = int(total * gpu_memory_utilization) - used

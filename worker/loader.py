@@ -17,7 +17,8 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, device: str, max_positions:
         raise ValueError(f"model: no *.safetensors files in {cfg.path!r}")
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, max_positions)
-    model = model.to_empty(device=device)
+    # Materialize in the target dtype (copy_ converts the checkpoint's dtype): never a full fp32 copy.
+    model = model.to(dtype).to_empty(device=device)
     model.rotary = Rotary(cfg, max_positions).to(device)  # computed buffers, not weights: rebuild off meta
     params = dict(model.named_parameters())
     loaded: set[str] = set()
@@ -48,7 +49,7 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, device: str, max_positions:
     missing = expected - loaded
     if missing:
         raise ValueError(f"model: weights missing from checkpoint: {sorted(missing)[:5]}")
-    return model.to(dtype).eval()
+    return model.to(dtype).eval()  # casts the rotary tables like transformers does
 
 
 def _target_name(model: LlamaForCausalLM, name: str) -> tuple[str | None, tuple[str, int] | None]:

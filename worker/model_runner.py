@@ -3,6 +3,10 @@ over all scheduled tokens (decodes first, then prefill chunks), and samples.
 
 The worker never allocates KV blocks: it writes where the scheduler's block ids say, and rejects
 ids outside its pool.
+
+On CUDA the attention runs in Triton kernels (worker.attention_backend), decode-only steps replay
+CUDA graphs (worker.cuda_graph) and small decode batches split long contexts across more
+programs. On CPU none of that runs: the step is the torch path, unchanged.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from services.sampling_params import SamplingParams
 from services.step import NewRequest, StepInput, StepOutput, WorkerCapacity
 from worker import kv_cache
 from worker.attention import AttentionMetadata
+from worker.attention_backend import choose_num_kv_splits, get_attention_backend, resolve_attention_backend
+from worker.cuda_graph import DecodeGraphs, pad_decode_batch
 from worker.loader import load_model
 from worker.model_config import ModelConfig, resolve_dtype
 from worker.sampler import SamplingRow, sample
@@ -43,7 +49,13 @@ class ModelRunner:
         kv_cache_memory: int | None = None,
         gpu_memory_utilization: float = 0.9,
         num_threads: int | None = None,
+        attention_backend: str = "auto",
+        enforce_eager: bool = False,
+        max_num_seqs: int = 128,
     ) -> None:
+        """attention_backend: auto (triton on CUDA, torch on CPU), torch or triton. enforce_eager: no
+        CUDA graphs. max_num_seqs: the largest decode batch captured in a graph (the scheduler's
+        limit; larger batches would run eagerly)."""
         if num_threads:
             torch.set_num_threads(num_threads)
         self.cfg = ModelConfig.from_dir(model)
@@ -62,6 +74,22 @@ class ModelRunner:
         )
         self.kv_caches = kv_cache.allocate(self.cfg, self.num_blocks, block_size, self.dtype, device)
         self.requests: dict[str, RequestState] = {}
+
+        self.attention_backend = resolve_attention_backend(attention_backend, device)
+        self.model.set_attention_backend(get_attention_backend(self.attention_backend))
+        on_triton_gpu = self.attention_backend == "triton" and device.startswith("cuda")
+        # SM count for the split-KV policy; 0 (never split) off the GPU.
+        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if on_triton_gpu else 0
+        self.decode_graphs: DecodeGraphs | None = None
+        if on_triton_gpu and not enforce_eager:
+            with torch.inference_mode():
+                self.decode_graphs = DecodeGraphs(
+                    self.model,
+                    self.kv_caches,
+                    max_batch_size=max_num_seqs,
+                    max_model_len=self.max_model_len,
+                    num_sms=self.num_sms,
+                )
 
     @property
     def capacity(self) -> WorkerCapacity:
@@ -125,6 +153,7 @@ class ModelRunner:
         slots: list[int] = []
         query_start = [0]
         seq_lens: list[int] = []
+        block_rows: list[list[int]] = []
         logits_rows: list[int] = []
         sampling_states: list[RequestState] = []
         bs = self.block_size
@@ -141,30 +170,46 @@ class ModelRunner:
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(lo, hi))
             query_start.append(query_start[-1] + n)
             seq_lens.append(hi)
+            block_rows.append(blocks[: -(-hi // bs)])
             if hi == len(state.token_ids):
                 logits_rows.append(query_start[-1] - 1)
                 sampling_states.append(state)
-        max_blocks = max(-(-s // bs) for s in seq_lens)
-        table = torch.zeros((len(scheduled), max_blocks), dtype=torch.int32)
-        for i, (state, _) in enumerate(scheduled):
-            row = state.block_ids[: -(-seq_lens[i] // bs)]
-            table[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
+        num_seqs = len(scheduled)
+        num_decodes = sum(1 for _, n in scheduled if n == 1)
+        decode_only = num_decodes == num_seqs
         dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=table.to(dev),
-            num_decodes=sum(1 for _, n in scheduled if n == 1),
-            query_start_host=query_start,
-            seq_lens_host=seq_lens,
-        )
-        hidden = self.model(
-            torch.tensor(input_ids, dtype=torch.int64, device=dev),
-            torch.tensor(positions, dtype=torch.int64, device=dev),
-            self.kv_caches,
-            meta,
-        )
+        graphs = self.decode_graphs
+        if graphs is not None and (not decode_only or num_seqs > graphs.max_batch_size):
+            graphs = None  # prefill and mixed steps, and batches beyond the largest graph, run eagerly
+        grid_seqs = graphs.padded_size(num_seqs) if graphs is not None else num_seqs
+        num_kv_splits = 1
+        if self.num_sms and decode_only:
+            # Chosen for the grid the kernels run with: the padded size when a graph is replayed.
+            kv_heads = self.cfg.num_kv_heads
+            num_kv_splits = choose_num_kv_splits(grid_seqs, kv_heads, max(seq_lens), bs, self.num_sms)
+        if graphs is not None:
+            batch = pad_decode_batch(input_ids, positions, slots, seq_lens, block_rows, grid_seqs)
+            hidden = graphs.run(batch, num_kv_splits)
+        else:
+            table = torch.zeros((num_seqs, max(len(row) for row in block_rows)), dtype=torch.int32)
+            for i, row in enumerate(block_rows):
+                table[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
+            meta = AttentionMetadata(
+                slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+                query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
+                seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+                block_tables=table.to(dev),
+                num_decodes=num_decodes,
+                query_start_host=query_start,
+                seq_lens_host=seq_lens,
+                num_kv_splits=num_kv_splits,
+            )
+            hidden = self.model(
+                torch.tensor(input_ids, dtype=torch.int64, device=dev),
+                torch.tensor(positions, dtype=torch.int64, device=dev),
+                self.kv_caches,
+                meta,
+            )
         for state, n in scheduled:
             state.num_computed_tokens += n
 

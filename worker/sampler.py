@@ -36,7 +36,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], li
         if r.params.has_penalties:
             _apply_penalties(logits[i], r)
 
-    greedy = torch.tensor([r.params.greedy for r in rows])
+    greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
     tokens = logits.argmax(dim=-1)
     if not bool(greedy.all()):
         tokens = torch.where(greedy, tokens, _draw(logits, rows))
@@ -63,21 +63,27 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], li
 def _apply_penalties(row: torch.Tensor, r: SamplingRow) -> None:
     p = r.params
     if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(r.prompt_ids) | set(r.output_ids)), dtype=torch.long)
+        seen = torch.tensor(
+            sorted(set(r.prompt_ids) | set(r.output_ids)), dtype=torch.long, device=row.device
+        )
         if seen.numel():
             vals = row[seen]
             row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
     if (p.presence_penalty or p.frequency_penalty) and r.output_ids:
-        counts = torch.bincount(torch.tensor(r.output_ids, dtype=torch.long), minlength=row.shape[0])
+        counts = torch.bincount(
+            torch.tensor(r.output_ids, dtype=torch.long, device=row.device), minlength=row.shape[0]
+        )
         counts = counts[: row.shape[0]].to(row.dtype)
         row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
 
 
 def _draw(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    temps = torch.tensor([max(r.params.temperature, 1e-5) for r in rows], dtype=logits.dtype)
+    temps = torch.tensor(
+        [max(r.params.temperature, 1e-5) for r in rows], dtype=logits.dtype, device=logits.device
+    )
     logits = logits / temps.unsqueeze(1)
     if any(r.params.min_p > 0 for r in rows):
-        min_p = torch.tensor([r.params.min_p for r in rows], dtype=logits.dtype)
+        min_p = torch.tensor([r.params.min_p for r in rows], dtype=logits.dtype, device=logits.device)
         probs = torch.softmax(logits, dim=-1)
         cutoff = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
         logits = logits.masked_fill(probs < cutoff, float("-inf"))
@@ -93,10 +99,10 @@ def _draw(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
 def _top_k_top_p(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     vocab = logits.shape[1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    ks = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in rows])
-    positions = torch.arange(vocab).unsqueeze(0)
+    ks = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in rows], device=logits.device)
+    positions = torch.arange(vocab, device=logits.device).unsqueeze(0)
     drop = positions >= ks.unsqueeze(1)
-    top_p = torch.tensor([r.params.top_p for r in rows], dtype=logits.dtype)
+    top_p = torch.tensor([r.params.top_p for r in rows], dtype=logits.dtype, device=logits.device)
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
     # Drop a token once the mass before it already reaches top_p; the first token always stays.
     mass_before = probs.cumsum(dim=-1) - probs

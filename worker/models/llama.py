@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker.attention import AttentionMetadata, paged_attention, write_kv
+from worker.attention import AttentionMetadata
+from worker.attention_backend import TORCH_BACKEND, AttentionBackend
 from worker.model_config import ModelConfig
 
 
@@ -79,6 +80,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
+    # The paged-attention functions this layer calls; the runner picks them for the whole model
+    # (LlamaForCausalLM.set_attention_backend).
+    backend: AttentionBackend = TORCH_BACKEND
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -103,8 +108,8 @@ class Attention(nn.Module):
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         q, k = rotary(positions, q, k)
         k_cache, v_cache = kv_cache
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
+        self.backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = self.backend.attention(q, k, v, k_cache, v_cache, meta, self.scale)
         return self.o_proj(out.view(tokens, self.q_size))
 
 
@@ -153,6 +158,11 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = (
             None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         )
+
+    def set_attention_backend(self, backend: AttentionBackend) -> None:
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.backend = backend
 
     def shard_sizes(self, fused: str) -> list[int]:
         c = self.cfg
