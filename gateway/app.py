@@ -8,9 +8,8 @@ or folded into one response. Nothing here knows about models or tokens beyond mo
 from __future__ import annotations
 
 import asyncio
-import hmac
+import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -19,15 +18,18 @@ from typing import Any, TypeVar
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.datastructures import Headers, MutableHeaders
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
-from gateway.errors import GatewayError, from_grpc_error, install_error_handlers, unauthorized
+from gateway import observability
+from gateway.errors import GatewayError, from_grpc_error, install_error_handlers, internal_error
+from gateway.middleware import BodyGuard, RequestContext
 from gateway.protocol import (
     FINISH_REASONS,
     SSE_DONE,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
     chat_echo_text,
     chat_logprobs,
     chat_to_proto,
@@ -38,13 +40,14 @@ from gateway.protocol import (
     prompt_list,
     sse,
     stop_reason,
+    tokenize_to_proto,
     usage_dict,
 )
 from protos.pagemesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from services.grpc_server import aio_channel
 
 T = TypeVar("T")
-READY_TIMEOUT_S = 2.0
+log = logging.getLogger("pagemesh.gateway")
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first"; nobody reads it
 
 
@@ -182,10 +185,29 @@ class Run:
             async for chunk in chunks:
                 yield sse(chunk)
         except GatewayError as e:
-            yield sse(e.body())
+            yield sse(e.body(), ascii=True)
+        except Exception:
+            log.exception("stream %s failed", self.head["id"])
+            yield sse(internal_error().body(), ascii=True)
         finally:
             self.gen.cancel()
         yield SSE_DONE
+
+
+class EventStream(StreamingResponse):
+    """An SSE response that cancels its run's calls however it ends. The generator's own `finally`
+    is not enough: a client that leaves before the first chunk means the generator never starts,
+    and a never-started generator runs no `finally`."""
+
+    def __init__(self, run: Run, events: AsyncIterator[str]) -> None:
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.run = run
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.run.gen.cancel()
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
@@ -369,41 +391,6 @@ class Gateway:
         }
 
 
-class RequestContext:
-    """ASGI middleware: the x-request-id (echoed, or made up) and the API key check. Pure ASGI rather
-    than BaseHTTPMiddleware, so streamed responses and client disconnects pass through untouched."""
-
-    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
-        self.app = app
-        self.api_key = api_key
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = Headers(scope=scope)
-        request_id = headers.get("x-request-id") or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                MutableHeaders(scope=message)["x-request-id"] = request_id
-            await send(message)
-
-        # Only the API is guarded: probes (/health, /ready) must work without the key.
-        if self.api_key and scope["path"].startswith("/v1") and not self._authorized(headers):
-            await unauthorized().response()(scope, receive, send_with_id)
-            return
-        await self.app(scope, receive, send_with_id)
-
-    def _authorized(self, headers: Headers) -> bool:
-        assert self.api_key is not None
-        scheme, _, token = headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            token.strip().encode(), self.api_key.encode()
-        )
-
-
 def create_app(
     scheduler_address: str, api_key: str | None = None, served_model_name: str | None = None
 ) -> FastAPI:
@@ -411,7 +398,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        channel = aio_channel(scheduler_address)  # one channel for the process: HTTP/2 multiplexes calls
+        # One channel for the process: HTTP/2 multiplexes calls.
+        channel = aio_channel(scheduler_address, observability.client_interceptors())
         gw.stub = inference_pb2_grpc.InferenceStub(channel)
         try:
             yield
@@ -420,33 +408,22 @@ def create_app(
 
     app = FastAPI(title="pagemesh gateway", lifespan=lifespan)
     app.state.gateway = gw
+    # The last added runs first: the request id and the key check come before the body is read.
+    app.add_middleware(BodyGuard)
     app.add_middleware(RequestContext, api_key=api_key)
+    observability.install(app)  # outermost middleware (trace span, HTTP metrics); /ready, /metrics
     install_error_handlers(app)
 
-    def stream(events: AsyncIterator[str]) -> StreamingResponse:
-        return StreamingResponse(
-            events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-        )
-
-    async def reply(request: Request, work: Awaitable[dict[str, Any]]) -> Response:
-        result = await _unless_disconnected(request, work)
+    async def reply(request: Request, run: Run, work: Awaitable[dict[str, Any]]) -> Response:
+        try:
+            result = await _unless_disconnected(request, work)
+        finally:
+            run.gen.cancel()  # a no-op once finished; otherwise the client left, or `work` failed
         return JSONResponse(result) if result is not None else Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}  # answering at all means the event loop is alive
-
-    @app.get("/ready")
-    async def ready() -> JSONResponse:
-        assert gw.stub is not None
-        try:
-            stats = await gw.stub.GetStats(inference_pb2.GetStatsRequest(), timeout=READY_TIMEOUT_S)
-        except grpc.aio.AioRpcError as e:
-            reason = f"the scheduler at {scheduler_address} does not answer: {e.code().name}: {e.details()}"
-            return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
-        return JSONResponse(
-            {"status": "ready", "num_running": stats.num_running, "num_waiting": stats.num_waiting}
-        )
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -471,15 +448,19 @@ def create_app(
         )
         run.head["id"] = f"cmpl-{request_id}"
         echoes = [""] * len(run.firsts)
-        if body.echo:  # the prompt as given; rendered by the scheduler for token ids
-            for i, (given, first) in enumerate(zip(prompt_list(body), run.firsts, strict=True)):
-                echoes[i] = (
-                    given if isinstance(given, str) else await gw.prompt_text(first, run.scheduler_model)
-                )
+        try:
+            if body.echo:  # the prompt as given; rendered by the scheduler for token ids
+                for i, (given, first) in enumerate(zip(prompt_list(body), run.firsts, strict=True)):
+                    echoes[i] = (
+                        given if isinstance(given, str) else await gw.prompt_text(first, run.scheduler_model)
+                    )
+        except BaseException:
+            run.gen.cancel()
+            raise
         logprobs = body.logprobs is not None
         if body.stream:
-            return stream(run.sse(completion_chunks(run, echoes, logprobs, body.include_usage)))
-        return await reply(request, completion_body(run, echoes, logprobs))
+            return EventStream(run, run.sse(completion_chunks(run, echoes, logprobs, body.include_usage)))
+        return await reply(request, run, completion_body(run, echoes, logprobs))
 
     @app.post("/v1/chat/completions")
     async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
@@ -490,7 +471,32 @@ def create_app(
         run.head["id"] = f"chatcmpl-{request_id}"
         echo = chat_echo_text(body)
         if body.stream:
-            return stream(run.sse(chat_chunks(run, echo, body.logprobs, body.include_usage)))
-        return await reply(request, chat_body(run, echo, body.logprobs))
+            return EventStream(run, run.sse(chat_chunks(run, echo, body.logprobs, body.include_usage)))
+        return await reply(request, run, chat_body(run, echo, body.logprobs))
+
+    # vLLM's extra routes, same shapes: {count, max_model_len, tokens} and {prompt}.
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        assert gw.stub is not None
+        request = tokenize_to_proto(body, gw.scheduler_model(body.model))
+        names = {"prompt": "messages" if body.messages is not None else "prompt"}
+        try:
+            r = await gw.stub.Tokenize(request)
+        except grpc.aio.AioRpcError as e:
+            raise from_grpc_error(e, names) from None
+        return {"count": len(r.token_ids), "max_model_len": r.max_model_len, "tokens": list(r.token_ids)}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        assert gw.stub is not None
+        # Special tokens kept, as vLLM does: /detokenize of /tokenize's output gives the prompt back.
+        request = inference_pb2.DetokenizeRequest(
+            model=gw.scheduler_model(body.model), token_ids=body.tokens, skip_special_tokens=False
+        )
+        try:
+            r = await gw.stub.Detokenize(request)
+        except grpc.aio.AioRpcError as e:
+            raise from_grpc_error(e, {"token": "tokens"}) from None
+        return {"prompt": r.text}
 
     return app

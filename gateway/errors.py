@@ -7,6 +7,8 @@ parameter, never FastAPI's default 422 with its own body shape.
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -14,8 +16,10 @@ from typing import Any
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("pagemesh.gateway")
 
 
 class GatewayError(Exception):
@@ -41,8 +45,15 @@ class GatewayError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def response(self) -> Response:
+        # ensure_ascii: a message may quote the client's input, lone surrogates included, which
+        # UTF-8 cannot encode; escaped, any string is valid JSON.
+        return Response(
+            json.dumps(self.body(), ensure_ascii=True),
+            status_code=self.status,
+            headers=self.headers,
+            media_type="application/json",
+        )
 
 
 def unauthorized() -> GatewayError:
@@ -116,20 +127,25 @@ def from_grpc_error(exc: grpc.aio.AioRpcError, names: Mapping[str, str] | None =
     return GatewayError(f"{code.name}: {details}", status=500, type="server_error")
 
 
+def internal_error() -> GatewayError:
+    """A bug of ours: the client learns that much, the log gets the traceback."""
+    return GatewayError("The server had an internal error.", status=500, type="server_error")
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    async def on_gateway_error(request: Request, exc: Exception) -> JSONResponse:
+    async def on_gateway_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, GatewayError)
         return exc.response()
 
-    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    async def on_validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
         return from_validation_error(exc).response()
 
-    async def on_grpc_error(request: Request, exc: Exception) -> JSONResponse:
+    async def on_grpc_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, grpc.aio.AioRpcError)
         return from_grpc_error(exc).response()
 
-    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+    async def on_http_error(request: Request, exc: Exception) -> Response:
         # Unknown routes and wrong methods, in the same envelope as everything else.
         assert isinstance(exc, StarletteHTTPException)
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
@@ -137,7 +153,13 @@ def install_error_handlers(app: FastAPI) -> None:
             str(exc.detail), status=exc.status_code, type=kind, headers=exc.headers
         ).response()
 
+    async def on_anything_else(request: Request, exc: Exception) -> Response:
+        # Still OpenAI's envelope, so SDKs raise InternalServerError with a message, not a parse error.
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return internal_error().response()
+
     app.add_exception_handler(GatewayError, on_gateway_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(grpc.aio.AioRpcError, on_grpc_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_anything_else)

@@ -9,6 +9,8 @@ import sys
 import uvicorn
 
 from gateway.app import create_app
+from services.args import add_observability_args
+from services.telemetry import setup_tracing
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--served-model-name", default=None, help="the model name clients use (default: the scheduler's)"
     )
+    add_observability_args(p, metrics_port=False)  # /metrics is on --port
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
@@ -43,6 +46,7 @@ async def _serve(server: uvicorn.Server, url: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_tracing("pagemesh-gateway", args.otlp_traces_endpoint)  # before the app makes its channel
     app = create_app(args.scheduler, api_key=args.api_key, served_model_name=args.served_model_name)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
     started = asyncio.run(_serve(uvicorn.Server(config), f"http://{args.host}:{args.port}"))

@@ -1,9 +1,14 @@
 """OpenAI's request bodies as pydantic models, their 1:1 translation into the public protobuf
 API, and the response shapes built from the protobuf deltas.
 
-The gateway checks only what HTTP and the wire format need (types, shapes, what a uint32 can
-carry, OpenAI's own limits such as four stop strings). Value ranges (top_p in (0, 1]...) are the
-scheduler's to check, so gRPC clients and HTTP clients are told the same thing.
+The gateway checks only what HTTP and the wire format need (types, shapes, valid Unicode, what a
+uint32 can carry, OpenAI's own limits such as four stop strings, and a cap on n). Value ranges
+(top_p in (0, 1]...) and lengths against max_model_len are the scheduler's to check, so gRPC
+clients and HTTP clients are told the same thing.
+
+Unknown fields are ignored, as vLLM does: SDKs add parameters faster than servers learn them, and a
+client sending `store` or `metadata` should still be served. Known parameters that would change the
+output and that this server cannot honour (suffix, logit_bias, tools...) are refused by name.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import json
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WrapValidator
 from pydantic_core import PydanticCustomError
 
 from gateway.errors import GatewayError
@@ -21,42 +26,68 @@ from protos.pagemesh.v1 import common_pb2, inference_pb2
 _U32 = 2**32 - 1
 _I32 = 2**31 - 1
 _MAX_STOP = 4  # OpenAI's limit
+MAX_N = 16  # choices per prompt; each one is a sequence in the batch
+MAX_PROMPTS = 2048  # prompts in one completion request (OpenAI's limit)
 _MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps to the same value
 
 U32 = Annotated[int, Field(ge=0, le=_U32)]
 
 
+def _unicode(value: str) -> str:
+    """JSON's `\\ud800` escapes decode to lone surrogates, which no UTF-8 encoder (protobuf's
+    included) accepts: refuse them here, naming the parameter, rather than fail later."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PydanticCustomError(
+            "invalid_unicode", f"must be valid Unicode: a lone surrogate at character {e.start}"
+        ) from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+
+
 def _one_of(what: str) -> WrapValidator:
-    """Replace pydantic's per-member union errors with one sentence."""
+    """Replace pydantic's per-member union errors with one sentence (keeping a Unicode error,
+    which is more precise than "must be a string")."""
 
     def validate(value: Any, handler: Any) -> Any:
         try:
             return handler(value)
-        except ValidationError:
+        except ValidationError as e:
+            for err in e.errors():
+                if err["type"] == "invalid_unicode":
+                    raise PydanticCustomError("invalid_unicode", err["msg"]) from None
             raise PydanticCustomError("invalid_union", f"must be {what}") from None
 
     return WrapValidator(validate)
 
 
 Prompt = Annotated[
-    str | list[str] | list[U32] | list[list[U32]],
+    Text | list[Text] | list[U32] | list[list[U32]],
     _one_of("a string, a list of strings, a list of token ids or a list of token id lists"),
 ]
-Stop = Annotated[str | list[str] | None, _one_of("a string or a list of strings")]
+Stop = Annotated[Text | list[Text] | None, _one_of("a string or a list of strings")]
 
 
-class StreamOptions(BaseModel):
+class _Body(BaseModel):
+    """Every request body (and part of one) is checked strictly, as OpenAI does: "stream": "yes"
+    or "n": "2" is a type error, not a value pydantic would quietly coerce."""
+
+    # JSON has no NaN, but Python's json module accepts it; NaN slips through every range check.
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _SamplingRequest(BaseModel):
+class _SamplingRequest(_Body):
     """The fields both endpoints share: OpenAI's, then vLLM's extras."""
 
-    # JSON has no NaN, but Python's json module accepts it; NaN slips through every range check.
-    model_config = ConfigDict(allow_inf_nan=False)
-
-    model: str | None = None  # None: the served model
-    n: int = Field(1, ge=1, le=_U32)
+    model: Text | None = None  # None: the served model
+    n: int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
@@ -65,7 +96,7 @@ class _SamplingRequest(BaseModel):
     frequency_penalty: float | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None  # accepted, unused
+    user: Text | None = None  # accepted, unused
     logit_bias: dict[str, float] | None = None  # rejected when not empty
     # vLLM's extras
     top_k: int | None = Field(None, ge=-1, le=_I32)
@@ -90,25 +121,27 @@ class CompletionRequest(_SamplingRequest):
     max_tokens: int | None = Field(16, ge=0, le=_U32)  # OpenAI's default; None: up to max_model_len
     logprobs: int | None = Field(None, ge=0, le=_U32)
     echo: bool = False
-    suffix: str | None = None  # rejected: there is no fill-in-the-middle
-    best_of: int | None = Field(None, ge=1)  # accepted only when equal to n
+    suffix: Text | None = None  # rejected: there is no fill-in-the-middle
+    best_of: int | None = Field(None, ge=1, le=MAX_N)  # accepted only when equal to n
 
 
-class TextPart(BaseModel):
-    type: str
-    text: str | None = None
+class TextPart(_Body):
+    type: Text
+    text: Text | None = None
 
 
 Content = Annotated[
-    str | list[TextPart] | None,
+    Text | list[TextPart] | None,
     _one_of('a string or a list of content parts like {"type": "text", "text": "..."}'),
 ]
+# OpenAI's roles less tool/function, which need tool calling ("developer" is its new "system").
+Role = Literal["system", "user", "assistant", "developer"]
 
 
-class ChatMessageIn(BaseModel):
-    role: str
+class ChatMessageIn(_Body):
+    role: Role
     content: Content = None
-    name: str | None = None
+    name: Text | None = None
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -192,6 +225,10 @@ def completion_to_proto(
     prompts = prompt_list(req)
     if not prompts:
         raise GatewayError("prompt must not be empty", param="prompt")
+    if len(prompts) > MAX_PROMPTS:
+        raise GatewayError(
+            f"prompt: at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", param="prompt"
+        )
     sampling = _sampling(req, req.max_tokens, req.logprobs)
     out = []
     for i, prompt in enumerate(prompts):
@@ -217,6 +254,15 @@ def _message_text(i: int, m: ChatMessageIn) -> str:
     return "\n".join(part.text or "" for part in m.content)
 
 
+def _chat_input(messages: list[ChatMessageIn], add_generation_prompt: bool) -> common_pb2.ChatInput:
+    chat = common_pb2.ChatInput(add_generation_prompt=add_generation_prompt)
+    for i, m in enumerate(messages):
+        # "developer" is OpenAI's new name for "system"; chat templates know only the old one.
+        role = "system" if m.role == "developer" else m.role
+        chat.messages.append(common_pb2.ChatMessage(role=role, content=_message_text(i, m)))
+    return chat
+
+
 def chat_to_proto(req: ChatCompletionRequest, request_id: str, model: str) -> inference_pb2.GenerateRequest:
     _check_common(req)
     if req.tools:
@@ -225,11 +271,7 @@ def chat_to_proto(req: ChatCompletionRequest, request_id: str, model: str) -> in
         raise GatewayError("response_format: only type 'text' is supported", param="response_format")
     if req.top_logprobs is not None and not req.logprobs:
         raise GatewayError("top_logprobs requires logprobs to be true", param="top_logprobs")
-    chat = common_pb2.ChatInput(add_generation_prompt=req.add_generation_prompt)
-    for i, m in enumerate(req.messages):
-        # "developer" is OpenAI's new name for "system"; chat templates know only the old one.
-        role = "system" if m.role == "developer" else m.role
-        chat.messages.append(common_pb2.ChatMessage(role=role, content=_message_text(i, m)))
+    chat = _chat_input(req.messages, req.add_generation_prompt)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     return inference_pb2.GenerateRequest(
@@ -241,6 +283,35 @@ def chat_echo_text(req: ChatCompletionRequest) -> str:
     """vLLM's chat echo: the last message's text when it is the assistant's (the one continued)."""
     last = req.messages[-1]
     return _message_text(len(req.messages) - 1, last) if req.echo and last.role == "assistant" else ""
+
+
+class TokenizeRequest(_Body):
+    """vLLM's /tokenize: a prompt, or chat messages rendered through the chat template."""
+
+    model: Text | None = None
+    prompt: Text | None = None
+    messages: list[ChatMessageIn] | None = Field(None, min_length=1)
+    add_special_tokens: bool | None = None  # unset: the tokenizer's default (a BOS where the model wants one)
+    add_generation_prompt: bool = True  # for messages
+
+
+class DetokenizeRequest(_Body):
+    model: Text | None = None
+    tokens: list[U32]
+
+
+def tokenize_to_proto(req: TokenizeRequest, model: str) -> inference_pb2.TokenizeRequest:
+    if (req.prompt is None) == (req.messages is None):
+        raise GatewayError("exactly one of prompt or messages is required", param="prompt")
+    out = inference_pb2.TokenizeRequest(model=model)
+    if req.add_special_tokens is not None:
+        out.add_special_tokens = req.add_special_tokens
+    if req.prompt is not None:
+        out.text = req.prompt
+    else:
+        assert req.messages is not None
+        out.chat.CopyFrom(_chat_input(req.messages, req.add_generation_prompt))
+    return out
 
 
 def param_names(req: _SamplingRequest) -> dict[str, str]:
@@ -261,7 +332,9 @@ FINISH_REASONS: dict[int, str | None] = {
     inference_pb2.FINISH_REASON_UNSPECIFIED: None,
     inference_pb2.FINISH_REASON_STOP: "stop",
     inference_pb2.FINISH_REASON_LENGTH: "length",
-    inference_pb2.FINISH_REASON_ABORT: "abort",  # vLLM's value; OpenAI has none
+    # Only another client's Abort RPC ends a request this way (a disconnect leaves nobody to tell).
+    # OpenAI's clients know only stop and length: the text so far is what there is.
+    inference_pb2.FINISH_REASON_ABORT: "stop",
 }
 
 
@@ -327,8 +400,10 @@ def envelope(
     }
 
 
-def sse(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+def sse(obj: dict[str, Any], ascii: bool = False) -> str:
+    """One SSE event. Generated text is valid Unicode; an error event may quote the client's
+    input, so it is sent with ensure_ascii (any string is valid JSON escaped)."""
+    return f"data: {json.dumps(obj, ensure_ascii=ascii)}\n\n"
 
 
 SSE_DONE = "data: [DONE]\n\n"

@@ -17,6 +17,16 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of GPU memory to use")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--num-threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument(
+        "--attention-backend",
+        choices=["auto", "torch", "triton"],
+        default="auto",
+        help="paged-attention kernels: auto (triton on CUDA, torch on CPU), torch, or triton "
+        "(on CPU only under TRITON_INTERPRET=1: slow, for tests)",
+    )
+    p.add_argument(
+        "--enforce-eager", action="store_true", help="run decode steps eagerly, not as CUDA graph replays"
+    )
 
 
 def add_scheduler_args(p: argparse.ArgumentParser) -> None:
@@ -49,7 +59,11 @@ def worker_argv(a: argparse.Namespace) -> list[str]:
         a.device,
         "--gpu-memory-utilization",
         str(a.gpu_memory_utilization),
+        "--attention-backend",
+        a.attention_backend,
     ]
+    if a.enforce_eager:
+        argv.append("--enforce-eager")
     for flag, value in (
         ("--max-model-len", a.max_model_len),
         ("--kv-cache-memory", a.kv_cache_memory),
@@ -79,3 +93,16 @@ def scheduler_argv(a: argparse.Namespace) -> list[str]:
         str(a.worker_recovery_timeout),
     ]
     return argv
+
+
+def add_observability_args(p: argparse.ArgumentParser, metrics_port: bool = True) -> None:
+    """Tracing and metrics flags every service takes; both are off unless given."""
+    p.add_argument(
+        "--otlp-traces-endpoint",
+        default=None,
+        help="OTLP gRPC endpoint for traces, e.g. 127.0.0.1:4317 "
+        "(default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else off)",
+    )
+    if metrics_port:
+        p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics here")
+        p.add_argument("--metrics-host", default="127.0.0.1", help="address of the --metrics-port listener")

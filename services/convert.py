@@ -84,6 +84,7 @@ def step_input_to_proto(s: StepInput) -> worker_pb2.StepInput:
                 num_computed_tokens=r.num_computed_tokens,
                 sampling=sampling_to_proto(r.sampling),
                 num_output_tokens=r.num_output_tokens,
+                traceparent=r.traceparent,
             )
             for r in s.new_requests
         ],
@@ -110,6 +111,7 @@ def step_input_from_proto(p: worker_pb2.StepInput) -> StepInput:
                 r.num_computed_tokens,
                 sampling_from_proto(r.sampling),
                 r.num_output_tokens,
+                r.traceparent,
             )
             for r in p.new_requests
         ],

@@ -13,6 +13,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.telemetry import aio_client_interceptors, server_interceptors
+
 # Long streams and large prompts: raise gRPC's 4 MiB default message cap.
 _MESSAGE_LIMITS = [
     ("grpc.max_send_message_length", 64 << 20),
@@ -32,7 +34,7 @@ CHANNEL_OPTIONS = [
 SERVER_OPTIONS = [
     *_MESSAGE_LIMITS,
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_ping_strikes", 0),
 ]
 
@@ -61,7 +63,11 @@ def _mark_serving(health_servicer: Any, services: Sequence[Service]) -> None:
 
 def start_server(addresses: Sequence[str], services: Sequence[Service], max_workers: int = 16) -> grpc.Server:
     """A threaded gRPC server, listening and SERVING when this returns."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=SERVER_OPTIONS)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers),
+        options=SERVER_OPTIONS,
+        interceptors=server_interceptors(aio=False),  # tracing, when on
+    )
     health_servicer = health.HealthServicer()
     _register(server, services, health_servicer)
     for address in addresses:
@@ -74,7 +80,7 @@ def start_server(addresses: Sequence[str], services: Sequence[Service], max_work
 
 async def start_aio_server(addresses: Sequence[str], services: Sequence[Service]) -> grpc.aio.Server:
     """An asyncio gRPC server, listening and SERVING when this returns."""
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=server_interceptors(aio=True))
     health_servicer = health.aio.HealthServicer()
     _register(server, services, health_servicer)
     for address in addresses:
@@ -99,5 +105,7 @@ def insecure_channel(address: str) -> grpc.Channel:
     return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
 
 
-def aio_channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+def aio_channel(address: str, interceptors: Sequence[Any] = ()) -> grpc.aio.Channel:
+    # Tracing's interceptors (when on) carry the caller's trace context in each call's metadata.
+    chain = [*interceptors, *aio_client_interceptors()]
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=chain or None)

@@ -22,6 +22,7 @@ class NewRequest:
     num_computed_tokens: int  # tokens whose KV is already in the cache (prefix-cache hit)
     sampling: SamplingParams
     num_output_tokens: int = 0  # how many of token_ids are generated (penalties count only these)
+    traceparent: str = ""  # W3C trace context of the request, for the worker's step spans
 
 
 @dataclass(slots=True)

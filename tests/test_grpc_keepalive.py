@@ -44,4 +44,4 @@ def test_idle_step_stream_survives_keepalive_pings(tmp_path):
             assert reply.error == "" and len(reply.token_ids) == 1
             outbox.put(None)
     finally:
-        server.stop(0)
+        server.stop(grace=1).wait()  # finish the stream's handler thread before the interpreter exits

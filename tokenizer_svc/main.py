@@ -6,7 +6,10 @@ import argparse
 import sys
 
 from protos.pagemesh.v1 import tokenizer_pb2_grpc
+from services.args import add_observability_args
 from services.grpc_server import Service, start_server, wait_for_termination
+from services.metrics import new_registry, serve_metrics
+from services.telemetry import setup_tracing
 from tokenizer_svc.service import SERVICE_NAME, TokenizerServicer
 from tokenizer_svc.tokenizer import Tokenizer
 
@@ -20,7 +23,10 @@ def main(argv: list[str] | None = None) -> int:
         "--address", default=DEFAULT_ADDRESS, help="host:port or unix:///path.sock (default %(default)s)"
     )
     parser.add_argument("--tokenizer", help="tokenizer directory, if not the model's own")
+    add_observability_args(parser)
     args = parser.parse_args(argv)
+    setup_tracing("pagemesh-tokenizer", args.otlp_traces_endpoint)  # before the server: it adds interceptors
+    serve_metrics(new_registry(), args.metrics_port, args.metrics_host)  # process metrics only, for now
 
     servicer = TokenizerServicer(Tokenizer.from_dir(args.tokenizer or args.model))
     server = start_server(

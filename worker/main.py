@@ -6,7 +6,7 @@ import argparse
 import time
 
 from protos.pagemesh.v1 import worker_pb2_grpc
-from services.args import add_worker_args
+from services.args import add_observability_args, add_worker_args
 from services.grpc_server import Service, start_server, wait_for_termination
 
 
@@ -17,10 +17,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="local Hugging Face model directory")
     p.add_argument("--address", default="127.0.0.1:50053", help="host:port or unix:///path.sock")
     add_worker_args(p)
+    add_observability_args(p)
     a = p.parse_args(argv)
 
+    from services.metrics import new_registry, serve_metrics
+    from services.telemetry import setup_tracing
     from worker.model_runner import ModelRunner
+    from worker.observability import StepObserver
     from worker.service import WorkerServicer
+
+    setup_tracing("pagemesh-worker", a.otlp_traces_endpoint)
+    registry = new_registry()
+    serve_metrics(registry, a.metrics_port, a.metrics_host)
 
     start = time.perf_counter()
     print(f"worker: loading {a.model} ...", flush=True)
@@ -33,16 +41,19 @@ def main(argv: list[str] | None = None) -> int:
         kv_cache_memory=a.kv_cache_memory,
         gpu_memory_utilization=a.gpu_memory_utilization,
         num_threads=a.num_threads,
+        attention_backend=a.attention_backend,
+        enforce_eager=a.enforce_eager,
     )
     cap = runner.capacity
     print(
         f"worker: loaded in {time.perf_counter() - start:.1f}s: {cap.dtype} on {cap.device}, "
-        f"{cap.num_blocks} KV blocks of {cap.block_size} tokens, max_model_len {cap.max_model_len}",
+        f"{cap.num_blocks} KV blocks of {cap.block_size} tokens, max_model_len {cap.max_model_len}, "
+        f"{runner.attention_backend} attention{', CUDA graphs' if runner.decode_graphs else ''}",
         flush=True,
     )
+    servicer = WorkerServicer(runner, StepObserver(registry))
     server = start_server(
-        [a.address],
-        [Service(worker_pb2_grpc.add_WorkerServicer_to_server, WorkerServicer(runner), "pagemesh.v1.Worker")],
+        [a.address], [Service(worker_pb2_grpc.add_WorkerServicer_to_server, servicer, "pagemesh.v1.Worker")]
     )
     print(f"worker: serving on {a.address}", flush=True)
     wait_for_termination(server)

@@ -8,6 +8,7 @@ serves both, so the offline API and the services run one scheduling policy.
 from __future__ import annotations
 
 import itertools
+import time
 from typing import Protocol
 
 from services.sampling_params import SamplingParams
@@ -57,9 +58,12 @@ class EngineCore:
                 f"exceeds max_model_len ({self.max_model_len})"
             )
 
-    def add_request(self, req_id: str, prompt_token_ids: list[int], sampling: SamplingParams) -> Request:
+    def add_request(
+        self, req_id: str, prompt_token_ids: list[int], sampling: SamplingParams, traceparent: str = ""
+    ) -> Request:
         self.check_request(prompt_token_ids, sampling)
         req = Request.new(req_id, prompt_token_ids, sampling, self.capacity.eos_token_ids)
+        req.traceparent = traceparent
         self.scheduler.add(req)
         return req
 
@@ -77,6 +81,24 @@ class EngineCore:
         step = self.scheduler.schedule()
         if not step.num_scheduled_tokens and not step.dropped_req_ids:
             return []
+        now = time.monotonic()
+        for new in step.new_requests:  # queue time ends at the first admission, not at resumes
+            req = self.scheduler.requests[new.req_id]
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now
         output = self.executor.execute(step)
         self.device_seconds += output.compute_seconds
+        self._attribute_cost(step, output.compute_seconds)
         return self.scheduler.update(step, output)
+
+    def _attribute_cost(self, step: StepInput, seconds: float) -> None:
+        """Each request's share of the step's device time, by the tokens it had in the step: the
+        cost a request caused, for attribution (an approximation: attention cost grows with context
+        length, which tokens alone do not see). Before update(), which forgets finished requests."""
+        total = step.total_tokens
+        if not total:
+            return
+        for req_id, n in step.num_scheduled_tokens.items():
+            req = self.scheduler.requests.get(req_id)
+            if req is not None:
+                req.device_seconds += seconds * n / total

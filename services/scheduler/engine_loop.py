@@ -34,10 +34,13 @@ class TokenRecord:
     stop_reason: int | str | None
     num_prompt_tokens: int
     num_cached_tokens: int
+    device_seconds: float = 0.0  # the request's share of step time so far
+    queue_seconds: float = 0.0  # from arrival in the engine to its first scheduling
 
     @classmethod
     def of(cls, ev: TokenEvent) -> TokenRecord:
         r = ev.request
+        scheduled = r.first_scheduled_time if r.first_scheduled_time is not None else r.arrival_time
         return cls(
             r.req_id,
             ev.token_id,
@@ -46,6 +49,8 @@ class TokenRecord:
             r.stop_reason,
             r.num_prompt_tokens,
             max(r.num_cached_tokens, 0),
+            r.device_seconds,
+            scheduled - r.arrival_time,
         )
 
 
@@ -68,6 +73,10 @@ class EngineLoop:
         self.commands: queue.Queue[tuple] = queue.Queue()
         self.num_steps = 0
         self.last_step_time = time.monotonic()
+        # For readiness: when the step in flight began (None between steps), and why the worker is
+        # lost while waiting for it to come back (None when it is there).
+        self.step_started: float | None = None
+        self.worker_lost: str | None = None
         self._closed = False
         self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
@@ -79,8 +88,10 @@ class EngineLoop:
         self.commands.put(("wake",))
 
     # Called from other threads.
-    def add(self, req_id: str, prompt_token_ids: list[int], sampling: SamplingParams) -> None:
-        self.commands.put(("add", req_id, prompt_token_ids, sampling))
+    def add(
+        self, req_id: str, prompt_token_ids: list[int], sampling: SamplingParams, traceparent: str = ""
+    ) -> None:
+        self.commands.put(("add", req_id, prompt_token_ids, sampling, traceparent))
 
     def abort(self, req_id: str) -> None:
         self.commands.put(("abort", req_id))
@@ -112,11 +123,14 @@ class EngineLoop:
                     break
             if not self.engine.has_unfinished():
                 continue
+            self.step_started = time.monotonic()
             try:
                 events = self.engine.step()
             except WorkerError as e:
+                self.step_started = None
                 self._recover(str(e))
                 continue
+            self.step_started = None
             self.num_steps += 1
             self.last_step_time = time.monotonic()
             if events:
@@ -127,6 +141,7 @@ class EngineLoop:
         it); resume the requests by recompute, so their streams go on where they stopped. Only if
         none returns within worker_recovery_timeout do the requests end, with an error."""
         self.num_worker_losses += 1
+        self.worker_lost = reason
         resumed = self.engine.scheduler.requeue_all()
         self.num_resumed_requests += len(resumed)
         log.error(
@@ -151,6 +166,7 @@ class EngineLoop:
                     self.engine.capacity.num_blocks,
                 )
             self.engine.executor = worker
+            self.worker_lost = None
             log.warning(
                 "worker back at %s; resuming %d requests by recompute", self.worker_address, len(resumed)
             )
@@ -170,6 +186,7 @@ class EngineLoop:
         while not self._closed:
             try:
                 self.engine.executor = RemoteWorker(self.worker_address, connect_timeout=5.0)
+                self.worker_lost = None
                 return
             except WorkerError:
                 time.sleep(0.5)

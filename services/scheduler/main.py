@@ -6,8 +6,12 @@ import argparse
 import asyncio
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from services.args import add_scheduler_args
+from services.args import add_observability_args, add_scheduler_args
+
+if TYPE_CHECKING:
+    from services.scheduler.observability import Readiness
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", required=True, help="the tokenizer service's address")
     p.add_argument("--max-model-len", type=int, default=None)
     add_scheduler_args(p)
+    add_observability_args(p)
+    p.add_argument(
+        "--ready-stall-seconds",
+        type=float,
+        default=5.0,
+        help="a worker step running longer than this makes the scheduler not ready (a wedged worker)",
+    )
     a = p.parse_args(argv)
     asyncio.run(serve(a))
     return 0
@@ -33,11 +44,15 @@ def main(argv: list[str] | None = None) -> int:
 async def serve(a: argparse.Namespace) -> None:
     from protos.pagemesh.v1 import inference_pb2_grpc
     from services.grpc_server import Service, start_aio_server
+    from services.metrics import new_registry, serve_metrics
     from services.scheduler.engine_loop import EngineLoop
+    from services.scheduler.observability import Readiness
     from services.scheduler.scheduler import SchedulerConfig
     from services.scheduler.service import InferenceServicer
+    from services.telemetry import setup_tracing
     from tokenizer_svc.client import TokenizerClient
 
+    setup_tracing("pagemesh-scheduler", a.otlp_traces_endpoint)  # before any channel or server exists
     addresses = a.address or ["127.0.0.1:50051"]
     name = a.served_model_name or Path(a.model).name
     tokenizer = TokenizerClient(a.tokenizer)
@@ -54,8 +69,14 @@ async def serve(a: argparse.Namespace) -> None:
         EngineLoop, a.worker, config, servicer.publish, servicer.on_failure, a.worker_recovery_timeout
     )
     servicer.engine_loop = engine_loop
+    servicer.readiness = Readiness(engine_loop, stall_after=a.ready_stall_seconds)
+    servicer.observer.metrics.watch(engine_loop)
+    port_registry = new_registry()  # the engine's metrics and this process's
+    port_registry.register(servicer.observer.metrics.registry)
+    serve_metrics(port_registry, a.metrics_port, a.metrics_host)
     engine_loop.start()
     detok = asyncio.create_task(servicer.detokenize_forever())
+    servicer.readiness.watch_task("the detokenization pipeline", detok)
     server = await start_aio_server(
         addresses,
         [Service(inference_pb2_grpc.add_InferenceServicer_to_server, servicer, "pagemesh.v1.Inference")],
@@ -70,12 +91,16 @@ async def serve(a: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    drain = DrainToggle(server.health_servicer)
+    drain = DrainToggle(server.health_servicer, servicer.readiness)
+    truthful = asyncio.create_task(
+        servicer.readiness.keep_health_truthful(server.health_servicer, "pagemesh.v1.Inference")
+    )
     loop.add_signal_handler(signal.SIGUSR1, lambda: loop.create_task(drain.toggle()))
     await stop.wait()
     await server.stop(grace=2)
     engine_loop.close()
     detok.cancel()
+    truthful.cancel()
 
 
 class DrainToggle:
@@ -83,14 +108,16 @@ class DrainToggle:
     and readiness probes stop sending work while requests in flight finish; SIGUSR1 again undrains.
     The overall ("") status stays SERVING: liveness asks for that, and the process is alive."""
 
-    def __init__(self, health_servicer) -> None:  # noqa: ANN001 - grpc_health's aio servicer
+    def __init__(self, health_servicer, readiness: Readiness) -> None:  # noqa: ANN001 - grpc_health's aio servicer
         self.health = health_servicer
+        self.readiness = readiness  # keeps the status it mirrors into health in step with the drain
         self.serving = True
 
     async def toggle(self) -> None:
         from grpc_health.v1 import health_pb2
 
         self.serving = not self.serving
+        self.readiness.draining = not self.serving
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if self.serving

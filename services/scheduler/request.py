@@ -39,6 +39,8 @@ class Request:
     num_cached_tokens: int = -1  # prefix-cache hit at first admission; -1 until admitted
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
+    traceparent: str = ""  # W3C trace context of the caller's span ("" when not traced)
+    device_seconds: float = 0.0  # its share of each step's compute time (cost attribution)
 
     @classmethod
     def new(

@@ -181,6 +181,7 @@ class Scheduler:
                     num_cached,
                     req.sampling,
                     req.num_output_tokens,
+                    req.traceparent,
                 )
             )
             req.num_sent_blocks = len(req.block_ids)

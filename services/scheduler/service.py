@@ -19,8 +19,11 @@ import grpc
 
 from protos.pagemesh.v1 import inference_pb2, inference_pb2_grpc, tokenizer_pb2
 from services.convert import logprobs_to_proto, sampling_from_proto
+from services.metrics import EngineMetrics
 from services.sampling_params import SamplingParams
 from services.scheduler.engine_loop import EngineLoop, TokenRecord
+from services.scheduler.observability import ObservabilityRPCs, RequestObserver
+from services.telemetry import current_traceparent
 from tokenizer_svc.client import DetokenizeSession, TokenizerClient
 
 FINISH = {
@@ -62,7 +65,7 @@ class Parent:
         )
 
 
-class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+class InferenceServicer(ObservabilityRPCs, inference_pb2_grpc.InferenceServicer):
     def __init__(self, tokenizer: TokenizerClient, model_name: str, model_path: str) -> None:
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -76,6 +79,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self.pending_releases: list[str] = []
         self.records: asyncio.Queue[tuple[int, list[TokenRecord]]] = asyncio.Queue()
         self.aio_loop = asyncio.get_running_loop()
+        self.observer = RequestObserver(EngineMetrics(model_name))  # vllm:* metrics, span attributes
 
     # -- called from the engine thread ------------------------------------------------------------
 
@@ -132,7 +136,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             for r in live:
                 by_child.setdefault(r.req_id, []).append(r)
             for req_id, recs in by_child.items():
-                self._deliver(self.children[req_id], recs, texts.get(req_id), pieces)
+                child = self.children.get(req_id)
+                if child is not None and not child.done:  # its caller may have left during the awaits
+                    self._deliver(child, recs, texts.get(req_id), pieces)
 
     async def _logprob_pieces(self, records: list[TokenRecord]) -> dict[int, str]:
         ids = {r.token_id for r in records if r.logprobs is not None}
@@ -173,6 +179,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             # Found after detokenization: end it in the engine; tokens it made since are dropped.
             assert self.engine_loop is not None
             self.engine_loop.stop(child.req_id, delta.stop_string)
+            self.pending_releases.append(child.req_id)  # the tokenizer service forgets it with the next batch
             msg.finish_reason = inference_pb2.FINISH_REASON_STOP
             msg.stop_string = delta.stop_string
         elif last.finish_reason is not None:
@@ -187,6 +194,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             child.done = True
             if parent.done:
                 msg.usage.CopyFrom(parent.usage())
+        self.observer.delivered(parent.request_id, child.index, recs, msg)
         parent.queue.put_nowait(msg)
 
     # -- RPCs -----------------------------------------------------------------------------------
@@ -194,6 +202,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        arrival = time.monotonic()
         assert self.engine_loop is not None
         await self._check_model(request.model, context)
         try:
@@ -208,6 +217,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"the server is overloaded: {waiting} requests are waiting "
                 f"(max {self.max_waiting_requests}); retry later",
+                trailing_metadata=(("retry-after", str(self._retry_after(waiting))),),
             )
         request_id = request.request_id or uuid.uuid4().hex
         if request_id in self.parents:
@@ -215,8 +225,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 grpc.StatusCode.ALREADY_EXISTS, f"request_id {request_id!r} is already running"
             )
         parent = self._start(request_id, ids, params)
-        yield inference_pb2.GenerateResponse(request_id=request_id, prompt_token_ids=ids, prompt=prompt)
+        self.observer.started(request_id, request, params, len(ids), arrival, context)
         try:
+            # Inside the try: a caller that goes away while this first message is in flight must
+            # still abort its requests.
+            yield inference_pb2.GenerateResponse(request_id=request_id, prompt_token_ids=ids, prompt=prompt)
             while not parent.done or not parent.queue.empty():
                 item = await parent.queue.get()
                 if isinstance(item, inference_pb2.GenerateResponse):
@@ -227,6 +240,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     await context.abort(grpc.StatusCode.INTERNAL, str(item))
         finally:
             self._end(parent)
+
+    def _retry_after(self, waiting: int) -> int:
+        """Seconds a refused caller should wait (gRPC `retry-after` trailer, HTTP Retry-After): a
+        hint, not a promise. The queue drains a batch of max_num_seqs at a time, so one second per
+        batch ahead of the caller, within [1, 30]."""
+        assert self.engine_loop is not None
+        batch = max(1, self.engine_loop.engine.scheduler.config.max_num_seqs)
+        return min(30, 1 + waiting // batch)
 
     def _start(self, request_id: str, ids: list[int], params: SamplingParams) -> Parent:
         assert self.engine_loop is not None
@@ -250,7 +271,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     include_stop_str_in_output=params.include_stop_str_in_output,
                 )
             )
-            self.engine_loop.add(child.req_id, ids, child_params)
+            self.engine_loop.add(child.req_id, ids, child_params, current_traceparent())
         return parent
 
     def _end(self, parent: Parent) -> None:
@@ -263,6 +284,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 self.pending_releases.append(child.req_id)
             self.children.pop(child.req_id, None)
         self.parents.pop(parent.request_id, None)
+        self.observer.ended(parent.request_id, parent.usage())
 
     async def _check_model(self, model: str, context: grpc.aio.ServicerContext) -> None:
         if model and model not in (self.model_name, self.model_path):
