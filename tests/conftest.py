@@ -24,3 +24,17 @@ def stack(default_model_dir, tmp_path_factory):
     s = start_stack(default_model_dir, tmp_path_factory.mktemp("stack") / "serve.log", "--dtype", "float32")
     yield s
     stop_stack(s)
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    """The official OpenAI client on the session stack's gateway."""
+    import openai
+
+    return openai.OpenAI(base_url=stack.http_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model(stack):
+    """The served model name (the model directory's name)."""
+    return stack.model_dir.name

@@ -13,16 +13,6 @@ pytestmark = pytest.mark.slow
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@pytest.fixture(scope="module")
-def client(stack):
-    return openai.OpenAI(base_url=stack.http_url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def model(stack):
-    return stack.model_dir.name
-
-
 def test_models_lists_the_served_model(client, model):
     ids = [m.id for m in client.models.list()]
     assert ids == [model]

@@ -30,16 +30,6 @@ FINISHES = {"stop", "length"}
 
 
 @pytest.fixture(scope="module")
-def client(stack):
-    return openai.OpenAI(base_url=stack.http_url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def model(stack):
-    return stack.model_dir.name
-
-
-@pytest.fixture(scope="module")
 def stub(stack):
     channel = grpc.insecure_channel(stack.grpc_address)
     yield inference_pb2_grpc.InferenceStub(channel)
