@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import build_tiny_llama, hf_greedy, random_prompts
+from tiny_models import build_tiny, build_tiny_llama, hf_greedy, random_prompts
 
 from pagemesh import LLM, SamplingParams
 
@@ -48,6 +48,21 @@ def test_tiny_llama_greedy_matches_hf(tmp_path, tie, kv_heads, rope_scaling):
     ref = hf_greedy(path, prompts, NEW)
     llm = LLM(str(path), dtype="float32", skip_tokenizer_init=True, max_num_batched_tokens=96)
     assert generate_ids(llm, prompts) == ref
+
+
+@pytest.mark.parametrize("family,tie", [("qwen2", True), ("mistral", False)])
+def test_other_llama_family_architectures_match_hf(tmp_path, family, tie):
+    path = build_tiny(tmp_path / "m", family, tie_word_embeddings=tie)
+    prompts = random_prompts(8, 512)
+    llm = LLM(str(path), dtype="float32", skip_tokenizer_init=True, max_num_batched_tokens=96)
+    assert generate_ids(llm, prompts) == hf_greedy(path, prompts, NEW)
+
+
+def test_sliding_window_models_are_capped_to_the_window(tmp_path):
+    path = build_tiny(tmp_path / "m", "mistral", sliding_window=128)
+    assert LLM(str(path), dtype="float32", skip_tokenizer_init=True).engine.max_model_len == 128
+    with pytest.raises(ValueError, match="sliding window"):
+        LLM(str(path), dtype="float32", skip_tokenizer_init=True, max_model_len=256)
 
 
 def test_parity_holds_under_preemption(tmp_path):

@@ -73,3 +73,28 @@ def random_prompts(
     g = torch.Generator().manual_seed(seed)
     lengths = torch.linspace(min_len, max_len, count).round().int().tolist()
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def build_tiny(path: Path, family: str, seed: int = 0, **overrides) -> Path:
+    """A tiny random model of another Llama-family architecture (qwen2: q/k/v biases; mistral)."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config_cls, model_cls = {
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+    }[family]
+    torch.manual_seed(seed)
+    settings = dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        initializer_range=0.1,
+        sliding_window=None,
+    )
+    model_cls(config_cls(**(settings | overrides))).eval().save_pretrained(path)
+    return path

@@ -30,6 +30,7 @@ class ModelConfig:
     attention_bias: bool
     eos_token_ids: list[int]
     config_dtype: str
+    sliding_window: int | None = None  # attention window, when the model uses one (not implemented)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelConfig:
@@ -69,6 +70,7 @@ class ModelConfig:
             attention_bias=bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM")),
             eos_token_ids=_eos_ids(path, cfg),
             config_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
+            sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
         )
 
 

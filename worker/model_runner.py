@@ -63,6 +63,15 @@ class ModelRunner:
         self.dtype = resolve_dtype(dtype, device)
         self.block_size = block_size
         self.max_model_len = max_model_len or self.cfg.max_position_embeddings
+        window = self.cfg.sliding_window
+        if window and self.max_model_len > window:
+            # Sliding-window attention is not implemented; within the window it equals full attention.
+            if max_model_len:
+                raise ValueError(
+                    f"max_model_len {max_model_len} exceeds the model's sliding window {window}, "
+                    "which pagemesh does not implement yet"
+                )
+            self.max_model_len = window
         if self.max_model_len > self.cfg.max_position_embeddings and not self.cfg.rope_scaling:
             raise ValueError(
                 f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings "
