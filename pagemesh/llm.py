@@ -12,7 +12,7 @@ from typing import Any
 from tqdm import tqdm
 
 from pagemesh.outputs import CompletionOutput, Logprob, RequestOutput
-from services.sampling_params import SamplingParams
+from services.sampling_params import SamplingParams, fan_out
 from services.scheduler.engine import EngineCore
 from services.scheduler.scheduler import SchedulerConfig, TokenEvent
 from tokenizer_svc.detokenizer import IncrementalDetokenizer
@@ -161,11 +161,9 @@ class LLM:
             base = self.engine.next_request_id()
             result = RequestOutput(request_id=base, prompt=text, prompt_token_ids=ids)
             results.append(result)
-            for k in range(p.n):
-                child = p if p.n == 1 else p.clone(n=1, seed=None if p.seed is None else p.seed + k)
+            for k, (req_id, child) in enumerate(fan_out(base, p)):
                 if child.seed is None and self.seed is not None:
                     child = child.clone(seed=self.seed + len(sequences))
-                req_id = base if p.n == 1 else f"{base}-{k}"
                 self.engine.add_request(req_id, ids, child)
                 out = CompletionOutput(
                     index=k,

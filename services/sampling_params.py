@@ -86,3 +86,14 @@ class SamplingParams:
 
     def to_dict(self) -> dict[str, object]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def fan_out(request_id: str, params: SamplingParams) -> list[tuple[str, SamplingParams]]:
+    """The n sequences of one request, as vLLM runs them: separate requests sharing the prompt (so
+    the prefix cache shares its KV), ids `ID-k`, and seed+k so seeded samples differ yet repeat."""
+    if params.n == 1:
+        return [(request_id, params)]
+    return [
+        (f"{request_id}-{k}", params.clone(n=1, seed=None if params.seed is None else params.seed + k))
+        for k in range(params.n)
+    ]

@@ -20,7 +20,7 @@ import grpc
 from protos.pagemesh.v1 import inference_pb2, inference_pb2_grpc, tokenizer_pb2
 from services.convert import logprobs_to_proto, sampling_from_proto
 from services.metrics import EngineMetrics
-from services.sampling_params import SamplingParams
+from services.sampling_params import SamplingParams, fan_out
 from services.scheduler.engine_loop import EngineLoop, TokenRecord
 from services.scheduler.observability import ObservabilityRPCs, RequestObserver
 from services.telemetry import current_traceparent
@@ -253,13 +253,8 @@ class InferenceServicer(ObservabilityRPCs, inference_pb2_grpc.InferenceServicer)
         assert self.engine_loop is not None
         parent = Parent(request_id, asyncio.Queue(), len(ids))
         self.parents[request_id] = parent
-        for k in range(params.n):
-            child_params = (
-                params
-                if params.n == 1
-                else params.clone(n=1, seed=None if params.seed is None else params.seed + k)
-            )
-            child = Child(request_id if params.n == 1 else f"{request_id}-{k}", k, parent)
+        for k, (child_id, child_params) in enumerate(fan_out(request_id, params)):
+            child = Child(child_id, k, parent)
             parent.children.append(child)
             self.children[child.req_id] = child
             self.pending_starts.append(
