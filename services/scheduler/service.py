@@ -288,7 +288,10 @@ class InferenceServicer(ObservabilityRPCs, inference_pb2_grpc.InferenceServicer)
                 f"The model `{model}` does not exist; this server serves `{self.model_name}`",
             )
 
-    async def _tokenize_input(self, request: inference_pb2.GenerateRequest) -> tuple[list[int], str]:
+    async def _tokenize_input(
+        self, request: inference_pb2.GenerateRequest | inference_pb2.TokenizeRequest
+    ) -> tuple[list[int], str]:
+        """Token ids of a request's input (text, chat messages or ids), and the rendered prompt."""
         kind = request.WhichOneof("input")
         if kind == "token_ids":
             return list(request.token_ids.ids), ""
@@ -333,18 +336,7 @@ class InferenceServicer(ObservabilityRPCs, inference_pb2_grpc.InferenceServicer)
         await self._check_model(request.model, context)
         assert self.engine_loop is not None
         try:
-            kind = request.WhichOneof("input")
-            add = request.add_special_tokens if request.HasField("add_special_tokens") else None
-            if kind == "chat":
-                messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
-                gen = (
-                    request.chat.add_generation_prompt
-                    if request.chat.HasField("add_generation_prompt")
-                    else True
-                )
-                ids, prompt = await self.tokenizer.tokenize_chat(messages, add_generation_prompt=gen)
-            else:
-                ids, prompt = await self.tokenizer.tokenize_text(request.text, add_special_tokens=add)
+            ids, prompt = await self._tokenize_input(request)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return inference_pb2.TokenizeResponse(
