@@ -155,7 +155,7 @@ class ModelRunner:
         scheduled = [(self.requests[rid], n) for rid, n in step.num_scheduled_tokens.items()]
         if not scheduled:
             return StepOutput(step_id=step.step_id, req_ids=[], token_ids=[], logprobs=[])
-        # Decodes first: the attention path batches them as one matmul.
+        # Decodes first: the torch attention path runs them all as one SDPA.
         scheduled.sort(key=lambda item: item[1] != 1)
         input_ids: list[int] = []
         positions: list[int] = []
@@ -200,9 +200,8 @@ class ModelRunner:
             batch = pad_decode_batch(input_ids, positions, slots, seq_lens, block_rows, grid_seqs)
             hidden = graphs.run(batch, num_kv_splits)
         else:
-            table = torch.zeros((num_seqs, max(len(row) for row in block_rows)), dtype=torch.int32)
-            for i, row in enumerate(block_rows):
-                table[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
+            width = max(len(row) for row in block_rows)
+            table = torch.tensor([row + [0] * (width - len(row)) for row in block_rows], dtype=torch.int32)
             meta = AttentionMetadata(
                 slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
                 query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
