@@ -146,7 +146,11 @@ def test_one_chat_request_is_one_trace_across_all_four_services(traced):
         services = {svc for svc, _ in spans}
         generate = [sp for svc, sp in spans if svc == "pagemesh-scheduler" and sp.name == GENERATE]
         steps = [sp for svc, sp in spans if svc == "pagemesh-worker"]
-        done = generate and "gen_ai.usage.output_tokens" in attrs(generate[0])
+        # The gateway's HTTP span ends after the response is sent, so it (and the spans between it
+        # and the client call) may be exported after everything else: wait for the whole chain.
+        by_id = {sp.span_id: (svc, sp) for svc, sp in spans}
+        chained = generate and any(sp.kind == Span.SPAN_KIND_SERVER for sp in ancestors(generate[0], by_id))
+        done = chained and "gen_ai.usage.output_tokens" in attrs(generate[0])
         return spans if services >= SERVICES and done and len(steps) >= usage["completion_tokens"] else None
 
     spans = wait_for("spans from all four services", complete, 20)
