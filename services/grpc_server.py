@@ -92,11 +92,16 @@ async def start_aio_server(addresses: Sequence[str], services: Sequence[Service]
     return server
 
 
+def stop_on_signals(stop: Callable[[], None]) -> None:
+    """Call stop() on SIGTERM or SIGINT (from the main thread, between bytecodes)."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop())
+
+
 def wait_for_termination(server: grpc.Server) -> None:
     """Block until SIGTERM/SIGINT, then stop gracefully."""
     done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
+    stop_on_signals(done.set)
     done.wait()
     server.stop(grace=2).wait()
 

@@ -7,7 +7,7 @@ import time
 
 from protos.pagemesh.v1 import worker_pb2_grpc
 from services.args import add_observability_args, add_worker_args
-from services.grpc_server import Service, start_server, wait_for_termination
+from services.grpc_server import Service, start_server, stop_on_signals
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     from services.telemetry import setup_tracing
     from worker.model_runner import ModelRunner
     from worker.observability import StepObserver
-    from worker.service import WorkerServicer
+    from worker.service import MainThreadLoop, WorkerServicer
 
     setup_tracing("pagemesh-worker", a.otlp_traces_endpoint)
     registry = new_registry()
@@ -51,10 +51,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{runner.attention_backend} attention{', CUDA graphs' if runner.decode_graphs else ''}",
         flush=True,
     )
-    servicer = WorkerServicer(runner, StepObserver(registry))
+    loop = MainThreadLoop()  # the forward passes run here, on the thread that loaded the model
+    servicer = WorkerServicer(runner, StepObserver(registry), loop)
     server = start_server(
         [a.address], [Service(worker_pb2_grpc.add_WorkerServicer_to_server, servicer, "pagemesh.v1.Worker")]
     )
     print(f"worker: serving on {a.address}", flush=True)
-    wait_for_termination(server)
+    stop_on_signals(loop.stop)
+    loop.run()
+    server.stop(grace=2).wait()
     return 0
