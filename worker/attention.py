@@ -5,9 +5,9 @@ are scattered into it through a slot mapping (slot = block_id * block_size + off
 reads each sequence's context through its row of the block table.
 
 A step's flat batch puts decodes (one query token each) first, then prefill chunks. Decodes run
-as one batched fp32 SDPA over the gathered, padded contexts (one query token through SDPA in bf16
-is very slow on CPU). Prefill chunks run one sequence at a time through SDPA, with a causal mask
-offset by the context already cached.
+as two batched matmuls over the gathered, padded contexts (SDPA with one query token is slow on
+CPU, in bf16 very slow). Prefill chunks run one sequence at a time through SDPA, with a causal
+mask offset by the context already cached.
 """
 
 from __future__ import annotations
@@ -86,31 +86,39 @@ def paged_attention(
     return out
 
 
-# SDPA's CPU kernel is fast in bf16 once several query rows share the KV (a group of >= 2 heads
-# folded into the query axis); with a single row (MHA) bf16 is slower than fp32. Measured on the
-# SmolLM2 shapes at batch 32: group 3 takes 0.66 ms in bf16, 0.96 ms in fp32.
-DECODE_BF16_MIN_GROUP = 2
-
-
 def _decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
-    """All decodes at once. The query heads sharing a KV head are folded into SDPA's query-length
-    axis ([B, kv_heads, group, D] against [B, kv_heads, L, D]), so no K/V is repeated per head.
-    The math runs in fp32 unless bf16 is the faster of the two (see DECODE_BF16_MIN_GROUP)."""
+    """All decodes at once, over contexts gathered from the cache and padded to the longest.
+
+    The query heads sharing a KV head are one group of rows against that head's keys, so no K/V
+    is repeated per head. Half precision runs two batched matmuls over (kv head, sequence) pairs,
+    with the scores rounded to the model dtype as Hugging Face's eager attention does and the
+    softmax in fp32; SDPA's flash kernel, built for long runs of query rows, is slower there (a
+    whole bf16 SmolLM2 generate at 32 sequences took 2-7% longer with it on 2 CPU cores, and MHA
+    shapes 1.4x longer in attention). In fp32 that kernel is the faster, on strided views."""
     num_seqs, heads, head_dim = q.shape
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv_heads
-    compute = q.dtype if q.dtype == torch.bfloat16 and group >= DECODE_BF16_MIN_GROUP else torch.float32
     max_len = max(meta.seq_lens_host[:num_seqs])
     num_blocks = -(-max_len // block_size)
     length = num_blocks * block_size
     ids = meta.block_tables[:num_seqs, :num_blocks].flatten()
-    keys = k_cache.index_select(0, ids).view(num_seqs, length, kv_heads, head_dim).transpose(1, 2).to(compute)
-    values = (
-        v_cache.index_select(0, ids).view(num_seqs, length, kv_heads, head_dim).transpose(1, 2).to(compute)
-    )
-    visible = torch.arange(length, device=q.device).unsqueeze(0) < meta.seq_lens[:num_seqs].unsqueeze(1)
-    qg = q.view(num_seqs, kv_heads, group, head_dim).to(compute)
-    out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=visible[:, None, None, :], scale=scale)
-    return out.reshape(num_seqs, heads, head_dim).to(q.dtype)
+    hidden = torch.arange(length, device=q.device).unsqueeze(0) >= meta.seq_lens[:num_seqs].unsqueeze(1)
+
+    keys = k_cache.index_select(0, ids).view(num_seqs, length, kv_heads, head_dim)
+    values = v_cache.index_select(0, ids).view(num_seqs, length, kv_heads, head_dim)
+    if q.dtype == torch.float32:  # [B, kv_heads, group, D] against [B, kv_heads, L, D] views
+        qg = q.view(num_seqs, kv_heads, group, head_dim)
+        visible = ~hidden[:, None, None, :]
+        out = F.scaled_dot_product_attention(
+            qg, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=visible, scale=scale
+        )
+        return out.reshape(num_seqs, heads, head_dim)
+    # [kv_heads, B, ...]: each (head, sequence) context one contiguous matrix, so neither matmul copies
+    keys, values = keys.permute(2, 0, 1, 3).contiguous(), values.permute(2, 0, 1, 3).contiguous()
+    qg = q.view(num_seqs, kv_heads, group, head_dim).transpose(0, 1)
+    scores = torch.matmul(qg, keys.transpose(-1, -2)).float()  # [kv_heads, B, group, L]
+    scores.mul_(scale).masked_fill_(hidden[None, :, None, :], float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1).to(q.dtype), values)
+    return out.transpose(0, 1).reshape(num_seqs, heads, head_dim)
