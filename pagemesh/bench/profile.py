@@ -33,20 +33,24 @@ def main(argv: list[str] | None = None) -> int:
     params = SamplingParams(temperature=0, max_tokens=a.output_len, ignore_eos=True)
     vocab = llm.runner.cfg.vocab_size
 
-    def seconds(prompts: list, sampling: SamplingParams) -> float:
+    seeds = iter(range(1, 1_000_000))
+
+    def prompts(batch: int) -> list:  # fresh prompts every call: no prefix-cache hits
+        return [{"prompt_token_ids": ids} for ids in random_prompts(batch, a.input_len, vocab, next(seeds))]
+
+    def seconds(batch: int, sampling: SamplingParams) -> float:
         start = time.perf_counter()
-        llm.generate(prompts, sampling, use_tqdm=False)
+        llm.generate(prompts(batch), sampling, use_tqdm=False)
         return time.perf_counter() - start
 
     for batch in (int(b) for b in a.batch_sizes.split(",")):
-        prompts = [{"prompt_token_ids": ids} for ids in random_prompts(batch, a.input_len, vocab, seed=batch)]
-        seconds(prompts, params)  # warm-up: the same shapes once
-        prefill = seconds(prompts, params.clone(max_tokens=1))
-        whole = seconds(prompts, params)
+        seconds(batch, params)  # warm-up: the same shapes once
+        prefill = seconds(batch, params.clone(max_tokens=1))
+        whole = seconds(batch, params)
         decode_ms = (whole - prefill) / (a.output_len - 1) * 1000
         print(f"== batch {batch}: prefill {prefill * 1000:.0f} ms, decode step {decode_ms:.1f} ms")
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            llm.generate(prompts, params, use_tqdm=False)
+            llm.generate(prompts(batch), params, use_tqdm=False)
         events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[: a.top]
         for e in events:
             per_step = e.self_cpu_time_total / 1000 / a.output_len
