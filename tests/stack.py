@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from protos.pagemesh.v1 import inference_pb2
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -96,3 +98,14 @@ def descendants(pid: int) -> list[int]:
         found += kids
         frontier += kids
     return found
+
+
+def wait_until_idle(stub, timeout: float = 10.0) -> inference_pb2.EngineStats:
+    """The scheduler's stats once nothing runs or waits and every KV block is free (or the last seen)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = stub.GetStats(inference_pb2.GetStatsRequest())
+        idle = s.num_running == 0 and s.num_waiting == 0 and s.num_free_blocks == s.num_blocks
+        if idle or time.monotonic() > deadline:
+            return s
+        time.sleep(0.05)

@@ -11,13 +11,12 @@ import json
 import os
 import re
 import signal
-import time
 
 import grpc
 import httpx
 import openai
 import pytest
-from stack import start_stack, stop_stack
+from stack import start_stack, stop_stack, wait_until_idle
 
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from protos.pagemesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
@@ -41,17 +40,6 @@ def sse_events(http_url: str, path: str, body: dict, headers: dict | None = None
     with httpx.stream("POST", http_url + path, json=body, headers=headers, timeout=120) as r:
         assert r.status_code == 200, r.read()
         return [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
-
-
-def wait_until_idle(stub, timeout: float = 10.0) -> inference_pb2.EngineStats:
-    """The scheduler's stats once nothing runs or waits and every KV block is free (or the last seen)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        s = stub.GetStats(inference_pb2.GetStatsRequest())
-        idle = s.num_running == 0 and s.num_waiting == 0 and s.num_free_blocks == s.num_blocks
-        if idle or time.monotonic() > deadline:
-            return s
-        time.sleep(0.05)
 
 
 # -- /v1/completions ------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-from stack import start_stack, stop_stack
+from stack import start_stack, stop_stack, wait_until_idle
 
 from protos.pagemesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
@@ -147,12 +147,7 @@ def test_requests_that_lose_their_gateway_are_aborted(default_model_dir, tmp_pat
         assert stub.GetStats(inference_pb2.GetStatsRequest()).num_running == 4
         mark = len(s.log())
         os.kill(gateway_pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            stats = stub.GetStats(inference_pb2.GetStatsRequest())
-            if stats.num_running == 0 and stats.num_free_blocks == stats.num_blocks:
-                break
-            time.sleep(0.1)
+        stats = wait_until_idle(stub)
         assert stats.num_running == 0 and stats.num_waiting == 0
         assert stats.num_free_blocks == stats.num_blocks
         s.wait_for_log("gateway is healthy", timeout=60, after=mark)

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from stack import descendants, start_stack, stop_stack
+from stack import descendants, start_stack, stop_stack, wait_until_idle
 
 from pagemesh import LLM, SamplingParams
 from protos.pagemesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
@@ -168,12 +168,7 @@ def test_cancelled_stream_frees_its_blocks(stack):
         if i == 5:
             call.cancel()
             break
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        stats = stub.GetStats(inference_pb2.GetStatsRequest())
-        if stats.num_running == 0 and stats.num_free_blocks == stats.num_blocks:
-            break
-        time.sleep(0.1)
+    stats = wait_until_idle(stub)
     assert stats.num_running == 0 and stats.num_waiting == 0
     assert stats.num_free_blocks == stats.num_blocks
 
