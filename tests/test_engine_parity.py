@@ -50,6 +50,14 @@ def test_tiny_llama_greedy_matches_hf(tmp_path, tie, kv_heads, rope_scaling):
     assert generate_ids(llm, prompts) == ref
 
 
+def test_llama_with_attention_bias_matches_hf(tmp_path):
+    """Llama's attention_bias puts biases on q, k, v and o (Qwen2's only on q, k, v)."""
+    path = build_tiny_llama(tmp_path / "m", attention_bias=True)
+    prompts = random_prompts(4, 512)
+    llm = LLM(str(path), dtype="float32", skip_tokenizer_init=True)
+    assert generate_ids(llm, prompts) == hf_greedy(path, prompts, NEW)
+
+
 @pytest.mark.parametrize("family,tie", [("qwen2", True), ("mistral", False)])
 def test_other_llama_family_architectures_match_hf(tmp_path, family, tie):
     path = build_tiny(tmp_path / "m", family, tie_word_embeddings=tie)

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from worker.cpu_linear import PackedLinear, pack_linears, packing_applies
 from worker.model_config import ModelConfig
 from worker.models.llama import LlamaForCausalLM, Rotary
 
@@ -49,7 +50,12 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, device: str, max_positions:
     missing = expected - loaded
     if missing:
         raise ValueError(f"model: weights missing from checkpoint: {sorted(missing)[:5]}")
-    return model.to(dtype).eval()  # casts the rotary tables like transformers does
+    model = model.to(dtype).eval()  # casts the rotary tables like transformers does
+    if packing_applies(dtype, device):
+        pack_linears(model)
+        if model.lm_head is None:  # tied: the lookup keeps the plain table, logits get a packed copy
+            model.lm_head = PackedLinear(model.embed_tokens.weight, None)
+    return model
 
 
 def _target_name(model: LlamaForCausalLM, name: str) -> tuple[str | None, tuple[str, int] | None]:

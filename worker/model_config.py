@@ -27,7 +27,8 @@ class ModelConfig:
     rope_scaling: dict | None
     max_position_embeddings: int
     tie_word_embeddings: bool
-    attention_bias: bool
+    attention_bias: bool  # q, k, v projections
+    o_proj_bias: bool  # Llama's attention_bias covers o_proj too; Qwen2's q/k/v biases do not
     eos_token_ids: list[int]
     config_dtype: str
     sliding_window: int | None = None  # attention window, when the model uses one (not implemented)
@@ -68,6 +69,7 @@ class ModelConfig:
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM")),
+            o_proj_bias=arch == "LlamaForCausalLM" and bool(cfg.get("attention_bias", False)),
             eos_token_ids=_eos_ids(path, cfg),
             config_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
             sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,

@@ -1,0 +1,54 @@
+"""Packed oneDNN linears (worker.cpu_linear): exactly F.linear's values in bf16, used only there."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import build_tiny_llama
+
+from pagemesh import LLM, SamplingParams
+from worker import loader
+from worker.cpu_linear import PackedLinear, packing_applies
+
+pytestmark = pytest.mark.skipif(
+    not packing_applies(torch.bfloat16, "cpu"), reason="this CPU has no oneDNN bf16 support"
+)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("out_features,in_features", [(960, 576), (3072, 576), (576, 1536), (33, 17)])
+def test_packed_linear_equals_f_linear_in_bf16(out_features, in_features, bias):
+    gen = torch.Generator().manual_seed(out_features + in_features)
+    weight = torch.randn(out_features, in_features, generator=gen).bfloat16()
+    b = torch.randn(out_features, generator=gen).bfloat16() if bias else None
+    layer = PackedLinear(weight, b)
+    for tokens in (1, 3, 32, 300):
+        x = torch.randn(tokens, in_features, generator=gen).bfloat16()
+        assert torch.equal(layer(x), F.linear(x, weight, b)), tokens
+
+
+def test_only_cpu_bf16_is_packed():
+    assert not packing_applies(torch.float32, "cpu")
+    assert not packing_applies(torch.bfloat16, "cuda")
+
+
+@pytest.mark.parametrize("tie,attention_bias", [(True, False), (False, True)])
+def test_packed_model_generates_the_unpacked_tokens(tmp_path, monkeypatch, tie, attention_bias):
+    path = build_tiny_llama(tmp_path / "m", tie=tie, attention_bias=attention_bias)
+    prompts = [{"prompt_token_ids": [1, *range(5 + i, 40 + 3 * i)]} for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
+
+    packed = LLM(str(path), dtype="bfloat16", skip_tokenizer_init=True)
+    layers = [m for m in packed.runner.model.modules() if isinstance(m, PackedLinear)]
+    assert len(layers) == 2 * 4 + 1  # qkv, o, gate_up, down per layer, and the output projection
+    assert all((m.bias is not None) == (attention_bias and i % 4 < 2) for i, m in enumerate(layers[:-1]))
+    ours = packed.generate(prompts, params, use_tqdm=False)
+
+    monkeypatch.setattr(loader, "packing_applies", lambda dtype, device: False)
+    plain = LLM(str(path), dtype="bfloat16", skip_tokenizer_init=True)
+    assert not any(isinstance(m, PackedLinear) for m in plain.runner.model.modules())
+    theirs = plain.generate(prompts, params, use_tqdm=False)
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].logprobs == b.outputs[0].logprobs
