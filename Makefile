@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 	@echo "pagemesh: installing into $(VENV) (torch 2.13.0 CPU build first, then the rest)"
 	$(PY) -m pip install -q --disable-pip-version-check "torch==2.13.0"
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	$(PY) -m worker.cpu_kernels || echo "pagemesh: CPU kernels not built; the torch path will run"
 	@touch $(STAMP)
 
 model: install

@@ -156,10 +156,15 @@ def _common_prefix(a: list[list[int]], b: list[list[int]]) -> list[int]:
     ]
 
 
-def test_default_model_bf16_is_as_faithful_as_hf_bf16(default_model_dir):
+NEAR_TIE = 0.5  # fp32 logits this close can swap under bf16 rounding (seen here: gaps up to ~0.2)
+
+
+def test_default_model_bf16_departs_from_fp32_only_at_near_ties(default_model_dir):
     """bfloat16 cannot match transformers bit for bit: kernels round differently and one flipped
-    near-tie changes everything after it (this Q4-dequantized model has many). So the guard is
-    fidelity to the float32 reference: our bf16 must stay as close to it as transformers' bf16 does."""
+    near-tie changes everything after it (this Q4-dequantized model has many), so how long the
+    common prefix runs is mostly chance (transformers' own bf16 kept 36% of it on one machine and
+    65% on another). The guard: wherever our bf16 first departs from the float32 reference, the
+    float32 model itself nearly tied the two tokens. A wrong kernel departs where it did not."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(default_model_dir)
@@ -174,12 +179,8 @@ def test_default_model_bf16_is_as_faithful_as_hf_bf16(default_model_dir):
         "Translate to French: good morning",
     ]
     prompts = [tok(t)["input_ids"] for t in texts]
-    fp32 = hf_greedy(
-        default_model_dir,
-        prompts,
-        NEW,
-        model=AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval(),
-    )
+    fp32_model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+    fp32 = hf_greedy(default_model_dir, prompts, NEW, model=fp32_model)
     hf_bf16 = hf_greedy(
         default_model_dir,
         prompts,
@@ -187,13 +188,24 @@ def test_default_model_bf16_is_as_faithful_as_hf_bf16(default_model_dir):
         model=AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.bfloat16).eval(),
     )
     ours = generate_ids(LLM(str(default_model_dir), dtype="bfloat16"), prompts)
+
+    def departure_gaps(other: list[list[int]]) -> list[float]:
+        """fp32 logit of the reference token minus that of the other's, where the two first differ."""
+        gaps = []
+        for prompt, ref, out, n in zip(prompts, fp32, other, _common_prefix(fp32, other), strict=True):
+            if n < NEW:
+                with torch.no_grad():
+                    logits = fp32_model(torch.tensor([prompt + ref[:n]])).logits[0, -1]
+                gaps.append(float(logits[ref[n]] - logits[out[n]]))
+        return gaps
+
     total = NEW * len(prompts)
-    hf_fidelity = sum(_common_prefix(hf_bf16, fp32)) / total
-    our_fidelity = sum(_common_prefix(ours, fp32)) / total
-    agreement = _common_prefix(ours, hf_bf16)
+    ours_gaps, hf_gaps = departure_gaps(ours), departure_gaps(hf_bf16)
     print(
-        f"common-prefix agreement with HF fp32: ours bf16 {our_fidelity:.1%}, HF bf16 {hf_fidelity:.1%}; "
-        f"ours bf16 vs HF bf16 {sum(agreement) / total:.1%} ({sum(n == NEW for n in agreement)}/8 identical)"
+        f"common prefix with HF fp32: ours bf16 {sum(_common_prefix(ours, fp32)) / total:.1%}, "
+        f"HF bf16 {sum(_common_prefix(hf_bf16, fp32)) / total:.1%}; fp32 logit gaps where they depart: "
+        f"ours {[round(g, 3) for g in ours_gaps]}, HF bf16 {[round(g, 3) for g in hf_gaps]}"
     )
-    assert all(n >= 1 for n in agreement)  # the first token comes from nearly identical logits
-    assert our_fidelity >= hf_fidelity - 0.1
+    assert all(n >= 1 for n in _common_prefix(ours, hf_bf16))  # the first token: nearly identical logits
+    assert all(0 <= g <= NEAR_TIE for g in hf_gaps)  # the bound holds for transformers' own bf16
+    assert all(0 <= g <= NEAR_TIE for g in ours_gaps), ours_gaps

@@ -4,10 +4,11 @@ The KV cache of one layer is two tensors [num_blocks, block_size, kv_heads, head
 are scattered into it through a slot mapping (slot = block_id * block_size + offset); attention
 reads each sequence's context through its row of the block table.
 
-A step's flat batch puts decodes (one query token each) first, then prefill chunks. Decodes run
-as two batched matmuls over the gathered, padded contexts (SDPA with one query token is slow on
-CPU, in bf16 very slow). Prefill chunks run one sequence at a time through SDPA, with a causal
-mask offset by the context already cached.
+A step's flat batch puts decodes (one query token each) first, then prefill chunks. Decodes in
+half precision run the CPU kernel of worker.cpu_kernels over the paged cache in place (SDPA with
+one query token is slow on CPU, in bf16 very slow); see _decode_attention for the rest. Prefill
+chunks run one sequence at a time through SDPA, with a causal mask offset by the context already
+cached.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from worker import cpu_kernels
 
 
 @dataclass(slots=True)
@@ -89,14 +92,22 @@ def paged_attention(
 def _decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
-    """All decodes at once, over contexts gathered from the cache and padded to the longest.
+    """All decodes at once.
 
-    The query heads sharing a KV head are one group of rows against that head's keys, so no K/V
-    is repeated per head. Half precision runs two batched matmuls over (kv head, sequence) pairs,
-    with the scores rounded to the model dtype as Hugging Face's eager attention does and the
-    softmax in fp32; SDPA's flash kernel, built for long runs of query rows, is slower there (a
-    whole bf16 SmolLM2 generate at 32 sequences took 2-7% longer with it on 2 CPU cores, and MHA
-    shapes 1.4x longer in attention). In fp32 that kernel is the faster, on strided views."""
+    Half precision on the CPU runs the C++ kernel of worker.cpu_kernels: it reads each context in
+    place through the block table, with scores, softmax and sums in fp32 (more exact than the
+    matmuls below, which round scores to the model dtype as Hugging Face's eager attention does).
+    Otherwise the contexts are gathered from the cache and padded to the longest; the query heads
+    sharing a KV head are one group of rows against that head's keys, so no K/V is repeated per
+    head. Half precision (the fallback where the kernel cannot be built) runs two batched matmuls
+    over (kv head, sequence) pairs, softmax in fp32. float32, the mode that matches transformers
+    token for token, runs SDPA's flash kernel on strided views."""
+    if q.dtype != torch.float32 and q.device.type == "cpu":
+        kernels = cpu_kernels.load()
+        if kernels is not None:  # in place over the paged cache, fp32 sums (worker.cpu_kernels)
+            return kernels.decode_attention(
+                q.contiguous(), k_cache, v_cache, meta.block_tables, meta.seq_lens, scale
+            )
     num_seqs, heads, head_dim = q.shape
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv_heads

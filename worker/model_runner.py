@@ -18,7 +18,7 @@ import torch
 
 from services.sampling_params import SamplingParams
 from services.step import NewRequest, StepInput, StepOutput, WorkerCapacity
-from worker import kv_cache
+from worker import cpu_kernels, kv_cache
 from worker.attention import AttentionMetadata
 from worker.attention_backend import choose_num_kv_splits, get_attention_backend, resolve_attention_backend
 from worker.cpu_memory import keep_freed_memory
@@ -81,6 +81,8 @@ class ModelRunner:
                 f"{self.cfg.max_position_embeddings}"
             )
         self.model = load_model(self.cfg, self.dtype, device, self.max_model_len)
+        if device == "cpu" and self.dtype != torch.float32:
+            cpu_kernels.load()  # built (once per machine) now rather than inside the first step
         self.num_blocks = kv_cache.num_blocks_for(
             self.cfg, block_size, self.dtype, device, kv_cache_memory, gpu_memory_utilization
         )
