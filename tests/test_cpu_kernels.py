@@ -79,3 +79,100 @@ def test_off_switch_falls_back_to_the_torch_path(monkeypatch):
         assert cpu_kernels.load() is None
     finally:
         cpu_kernels.load.cache_clear()
+
+
+# -- the fused per-layer ops, against the torch code they replace (worker.models.llama) -------------
+
+
+def _bf16(*shape: int, seed: int, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).bfloat16()
+
+
+def _assert_nearly_equal(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal but for a rare last-bit difference (one fp32 sum or exp in another order)."""
+    assert got.dtype == want.dtype and got.shape == want.shape
+    same = (got == want).float().mean().item()
+    assert same >= 0.99, f"only {same:.2%} identical"
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 32, 300])  # 300 x 576 rows run on both threads
+def test_rms_norm_and_residual_add_match_torch(kernels, rows):
+    from worker.models.llama import RMSNorm
+
+    norm = RMSNorm(576, 1e-5).bfloat16()
+    with torch.no_grad():
+        norm.weight.copy_(_bf16(576, seed=1, scale=0.5) + 1)
+    h, delta = _bf16(rows, 576, seed=2, scale=3), _bf16(rows, 576, seed=3)
+    _assert_nearly_equal(kernels.rms_norm(h, norm.weight, norm.eps), norm(h))
+    residual = h.clone()
+    normed = kernels.add_rms_norm(residual, delta, norm.weight, norm.eps)
+    assert torch.equal(residual, h + delta)  # written in place, rounded as torch's add
+    _assert_nearly_equal(normed, norm(h + delta))
+
+
+@pytest.mark.parametrize("rows,intermediate", [(1, 1536), (32, 1536), (64, 1544), (5, 7)])
+def test_silu_mul_matches_torch(kernels, rows, intermediate):
+    gate_up = _bf16(rows, 2 * intermediate, seed=rows, scale=4)
+    gate, up = gate_up.split(intermediate, dim=-1)
+    _assert_nearly_equal(kernels.silu_mul(gate_up), torch.nn.functional.silu(gate) * up)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 32), (8, 1, 128)])
+def test_rope_and_cache_equal_the_torch_path(kernels, heads, kv_heads, head_dim):
+    from worker.attention import write_kv
+    from worker.models.llama import apply_rotary
+
+    tokens, num_blocks, block_size = 11, 8, 4
+    qkv = _bf16(tokens, (heads + 2 * kv_heads) * head_dim, seed=heads, scale=2)
+    angles = torch.rand(tokens, head_dim // 2, generator=torch.Generator().manual_seed(0)) * 6
+    cos = torch.cat([angles.cos(), angles.cos()], dim=-1).bfloat16()
+    sin = torch.cat([angles.sin(), angles.sin()], dim=-1).bfloat16()
+    slots = torch.randperm(num_blocks * block_size, generator=torch.Generator().manual_seed(1))[:tokens]
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q_ref, k_ref = apply_rotary(
+        q.reshape(tokens, heads, head_dim),
+        k.reshape(tokens, kv_heads, head_dim),
+        (cos.unsqueeze(1), sin.unsqueeze(1)),
+    )
+    k_cache_ref, v_cache_ref = torch.zeros(shape).bfloat16(), torch.zeros(shape).bfloat16()
+    write_kv(k_ref, v.reshape(tokens, kv_heads, head_dim), k_cache_ref, v_cache_ref, slots)
+
+    fused, k_cache, v_cache = qkv.clone(), torch.zeros(shape).bfloat16(), torch.zeros(shape).bfloat16()
+    kernels.rope_and_cache(fused, cos, sin, slots, k_cache, v_cache, heads, kv_heads)
+    assert torch.equal(fused[:, : heads * head_dim].view(tokens, heads, head_dim), q_ref)
+    assert torch.equal(k_cache, k_cache_ref) and torch.equal(v_cache, v_cache_ref)
+    with pytest.raises(RuntimeError, match="slot"):
+        kernels.rope_and_cache(fused, cos, sin, slots + 1000, k_cache, v_cache, heads, kv_heads)
+
+
+def test_bf16_model_with_fused_ops_agrees_with_the_torch_path(tmp_path, monkeypatch):
+    """Same tiny model, same prompts: the fused ops change nothing but rare last bits, so the
+    first token of every prompt and its logprob agree with the torch path's."""
+    from tiny_models import build_tiny_llama
+
+    from pagemesh import LLM, SamplingParams
+
+    path = build_tiny_llama(tmp_path / "m")
+    prompts = [{"prompt_token_ids": [1, *range(5 + i, 60 + 7 * i)]} for i in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=1, logprobs=1)
+
+    def first_tokens() -> list[tuple[int, float]]:
+        llm = LLM(str(path), dtype="bfloat16", skip_tokenizer_init=True)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        return [
+            (o.outputs[0].token_ids[0], next(iter(o.outputs[0].logprobs[0].values())).logprob) for o in outs
+        ]
+
+    fused = first_tokens()
+    cpu_kernels.load.cache_clear()
+    monkeypatch.setenv("PAGEMESH_CPU_KERNELS", "0")
+    try:
+        plain = first_tokens()
+    finally:
+        cpu_kernels.load.cache_clear()
+    assert [t for t, _ in fused] == [t for t, _ in plain]
+    for (_, a), (_, b) in zip(fused, plain, strict=True):
+        assert abs(a - b) < 0.05

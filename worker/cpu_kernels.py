@@ -25,7 +25,7 @@ from types import ModuleType
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
+SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
 CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
 
 
@@ -39,7 +39,8 @@ def _cpu_id() -> str:
 
 
 def _build_dir() -> tuple[str, Path]:
-    key = hashlib.sha256((SOURCE.read_text() + " ".join(CFLAGS) + _cpu_id()).encode()).hexdigest()[:16]
+    text = "".join(f.read_text() for f in SOURCES) + " ".join(CFLAGS) + _cpu_id()
+    key = hashlib.sha256(text.encode()).hexdigest()[:16]
     cache_root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return f"pagemesh_cpu_{key}", cache_root / "pagemesh" / "kernels" / key
 
@@ -59,7 +60,7 @@ def load() -> ModuleType | None:
             log.warning("building the CPU attention kernel once for this machine (about a minute)")
         return cpp_extension.load(
             name=name,
-            sources=[str(SOURCE)],
+            sources=[str(f) for f in SOURCES],
             extra_cflags=CFLAGS,
             extra_ldflags=["-fopenmp"],
             build_directory=str(directory),

@@ -81,8 +81,6 @@ class ModelRunner:
                 f"{self.cfg.max_position_embeddings}"
             )
         self.model = load_model(self.cfg, self.dtype, device, self.max_model_len)
-        if device == "cpu" and self.dtype != torch.float32:
-            cpu_kernels.load()  # built (once per machine) now rather than inside the first step
         self.num_blocks = kv_cache.num_blocks_for(
             self.cfg, block_size, self.dtype, device, kv_cache_memory, gpu_memory_utilization
         )
@@ -91,6 +89,10 @@ class ModelRunner:
 
         self.attention_backend = resolve_attention_backend(attention_backend, device)
         self.model.set_attention_backend(get_attention_backend(self.attention_backend))
+        if device == "cpu" and self.dtype != torch.float32:
+            kernels = cpu_kernels.load()  # built once per machine, now rather than in the first step
+            if self.dtype == torch.bfloat16 and self.attention_backend == "torch":
+                self.model.use_cpu_ops(kernels)
         on_triton_gpu = self.attention_backend == "triton" and device.startswith("cuda")
         # SM count for the split-KV policy; 0 (never split) off the GPU.
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if on_triton_gpu else 0

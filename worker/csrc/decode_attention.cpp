@@ -4,7 +4,7 @@
 // q [B, heads, D]; k_cache, v_cache [num_blocks, block_size, kv_heads, D]; block_tables [B, W]
 // int32; seq_lens [B] int32. Returns [B, heads, D] in q's dtype. One work item is a (sequence,
 // kv head) pair: its query heads (the GQA group) share every key and value row it loads.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
@@ -16,6 +16,7 @@
 #include <type_traits>
 #include <vector>
 
+namespace pagemesh {
 namespace {
 
 constexpr int64_t kTile = 16;  // tokens scored together
@@ -175,11 +176,18 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const
   scalar_t* out_ptr = out.data_ptr<scalar_t>();
   const float fscale = static_cast<float>(scale);
 
-  at::parallel_for(0, num_seqs * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    // Keys are scored a tile of kTile tokens at a time from a transposed fp32 copy, so the inner
-    // loop runs across tokens (one vector) and needs no horizontal sum per dot product.
+  // Items are handed out one at a time (dynamic schedule) rather than split in equal halves: when
+  // another process takes a core from one thread, the others carry on with the rest, and
+  // contexts of unequal length balance. Same OpenMP runtime and thread count as torch's.
+  const int64_t items = num_seqs * kv_heads;
+  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), items));
+#pragma omp parallel num_threads(threads)
+  {
+    // Keys of the generic path are scored a tile of kTile tokens at a time from a transposed fp32
+    // copy, so the inner loop runs across tokens (one vector) with no horizontal sum per dot.
     std::vector<float> qf(group * dim), acc(group * dim), row(dim), keys_t(dim * kTile), scores;
-    for (int64_t item = begin; item < end; ++item) {
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; ++item) {
       const int64_t seq = item / kv_heads, head = item % kv_heads;
       const int64_t length = lens[seq];
       const int32_t* table = tables + seq * table_stride;
@@ -266,8 +274,10 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const
         for (int64_t d = 0; d < dim; ++d)
           out_ptr[first_q + g * dim + d] = static_cast<scalar_t>(acc[g * dim + d] * inv_sum[g]);
     }
-  });
+  }
 }
+
+}  // namespace
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
@@ -296,8 +306,4 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   return out;
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention", &decode_attention, "paged decode attention (CPU)");
-}
+}  // namespace pagemesh

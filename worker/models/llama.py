@@ -8,6 +8,8 @@ are fused into one matmul each: fewer, larger GEMMs are what a CPU (and a GPU) r
 from __future__ import annotations
 
 import math
+from types import ModuleType
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -19,15 +21,27 @@ from worker.model_config import ModelConfig
 
 
 class RMSNorm(nn.Module):
+    ops: ModuleType | None = None  # worker.cpu_kernels' fused ops where they apply (use_cpu_ops)
+
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ops is not None:
+            return self.ops.rms_norm(x, self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
+
+    def add_and_norm(self, h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream's step: (h + delta, norm(h + delta)). The fused op writes the sum
+        into h, which only the residual stream holds."""
+        if self.ops is not None:
+            return h, self.ops.add_rms_norm(h, delta, self.weight, self.eps)
+        h = h + delta
+        return h, self(h)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -88,6 +102,7 @@ class Attention(nn.Module):
     # The paged-attention functions this layer calls; the runner picks them for the whole model
     # (LlamaForCausalLM.set_attention_backend).
     backend: AttentionBackend = TORCH_BACKEND
+    ops: ModuleType | None = None
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -106,18 +121,28 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)
+        k_cache, v_cache = kv_cache
+        if self.ops is not None:  # RoPE on q, k in place and k, v into the cache: one pass
+            cos, sin = cos_sin
+            self.ops.rope_and_cache(
+                qkv, cos.squeeze(1), sin.squeeze(1), meta.slot_mapping, k_cache, v_cache,
+                self.num_heads, self.num_kv_heads,
+            )  # fmt: skip
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(tokens, self.num_heads, self.head_dim)
         k = k.view(tokens, self.num_kv_heads, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, k, cos_sin)
-        k_cache, v_cache = kv_cache
-        self.backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if self.ops is None:
+            q, k = apply_rotary(q, k, cos_sin)
+            self.backend.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = self.backend.attention(q, k, v, k_cache, v_cache, meta, self.scale)
         return self.o_proj(out.view(tokens, self.q_size))
 
 
 class MLP(nn.Module):
+    ops: ModuleType | None = None
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.intermediate = cfg.intermediate_size
@@ -125,6 +150,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ops is not None:
+            return self.down_proj(self.ops.silu_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -137,9 +164,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h, cos_sin, kv_cache, meta):  # type: ignore[no-untyped-def]
-        h = h + self.self_attn(self.input_layernorm(h), cos_sin, kv_cache, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h, normed, next_norm, cos_sin, kv_cache, meta):  # type: ignore[no-untyped-def]
+        """h: the residual stream; normed: input_layernorm(h), computed by the layer before (its
+        residual add and this norm are one pass). Returns h and next_norm(h) after this layer."""
+        h, normed = self.post_attention_layernorm.add_and_norm(
+            h, self.self_attn(normed, cos_sin, kv_cache, meta)
+        )
+        return next_norm.add_and_norm(h, self.mlp(normed))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -169,6 +200,13 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, Attention):
                 module.backend = backend
 
+    def use_cpu_ops(self, ops: ModuleType | None) -> None:
+        """Route norms, RoPE + cache writes and SiLU through worker.cpu_kernels' fused ops (bf16 on
+        CPU with the torch attention backend), or back to torch with None."""
+        for module in self.modules():
+            if isinstance(module, RMSNorm | Attention | MLP):
+                module.ops = ops
+
     def shard_sizes(self, fused: str) -> list[int]:
         c = self.cfg
         if fused == "qkv_proj":
@@ -184,9 +222,12 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
         cos_sin = self.rotary(positions, h.dtype)
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            h = layer(h, cos_sin, kv_cache, meta)
-        return self.norm(h)
+        layers = cast(list[DecoderLayer], list(self.layers))
+        normed = layers[0].input_layernorm(h)
+        next_norms = [layer.input_layernorm for layer in layers[1:]] + [self.norm]
+        for layer, kv_cache, next_norm in zip(layers, kv_caches, next_norms, strict=True):
+            h, normed = layer(h, normed, next_norm, cos_sin, kv_cache, meta)
+        return normed
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:  # tied embeddings
