@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from worker.cpu_linear import PackedLinear, pack_linears, packing_applies
 from worker.model_config import ModelConfig
@@ -16,7 +19,7 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, device: str, max_positions:
     files = sorted(Path(cfg.path).glob("*.safetensors"))
     if not files:
         raise ValueError(f"model: no *.safetensors files in {cfg.path!r}")
-    with torch.device("meta"):
+    with torch.device("meta"), _no_random_init():
         model = LlamaForCausalLM(cfg, max_positions)
     # Materialize in the target dtype (copy_ converts the checkpoint's dtype): never a full fp32 copy.
     model = model.to(dtype).to_empty(device=device)
@@ -56,6 +59,20 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, device: str, max_positions:
         if model.lm_head is None:  # tied: the lookup keeps the plain table, logits get a packed copy
             model.lm_head = PackedLinear(model.embed_tokens.weight, None)
     return model
+
+
+@contextmanager
+def _no_random_init() -> Iterator[None]:
+    """Skip nn.Linear's and nn.Embedding's random init while the model is built: every weight
+    comes from the checkpoint, and on meta tensors that init runs through torch._refs, which
+    imports torch._dynamo and triton (~144 MiB resident in a CPU worker that uses neither). The
+    rotary tables are computed on the CPU for the same reason (worker.models.llama)."""
+    saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
+    nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved  # type: ignore[method-assign]
 
 
 def _target_name(model: LlamaForCausalLM, name: str) -> tuple[str | None, tuple[str, int] | None]:

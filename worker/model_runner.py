@@ -21,7 +21,7 @@ from services.step import NewRequest, StepInput, StepOutput, WorkerCapacity
 from worker import cpu_kernels, kv_cache
 from worker.attention import AttentionMetadata
 from worker.attention_backend import choose_num_kv_splits, get_attention_backend, resolve_attention_backend
-from worker.cpu_memory import keep_freed_memory
+from worker.cpu_memory import keep_freed_memory, release_freed_memory
 from worker.cuda_graph import DecodeGraphs, pad_decode_batch
 from worker.loader import load_model
 from worker.model_config import ModelConfig, resolve_dtype
@@ -59,8 +59,6 @@ class ModelRunner:
         limit; larger batches would run eagerly)."""
         if num_threads:
             torch.set_num_threads(num_threads)
-        if device == "cpu":
-            keep_freed_memory()  # no page faults on every step's activations
         self.cfg = ModelConfig.from_dir(model)
         self.device = device
         self.dtype = resolve_dtype(dtype, device)
@@ -86,6 +84,9 @@ class ModelRunner:
         )
         self.kv_caches = kv_cache.allocate(self.cfg, self.num_blocks, block_size, self.dtype, device)
         self.requests: dict[str, RequestState] = {}
+        if device == "cpu":  # loading's temporaries go back to the OS; steps' activations stay (cpu_memory)
+            release_freed_memory()
+            keep_freed_memory()
 
         self.attention_backend = resolve_attention_backend(attention_backend, device)
         self.model.set_attention_backend(get_attention_backend(self.attention_backend))
