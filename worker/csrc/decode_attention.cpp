@@ -8,6 +8,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "cpu_math.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -20,36 +22,6 @@ namespace pagemesh {
 namespace {
 
 constexpr int64_t kTile = 16;  // tokens scored together
-
-inline float to_float(float x) { return x; }
-inline float to_float(c10::Half x) { return static_cast<float>(x); }
-inline float to_float(c10::BFloat16 x) {
-  // bf16 is the top half of an fp32: a shift the compiler vectorizes (c10's conversion it does not).
-  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-// exp for x <= 0 (scores minus their maximum), in a form the compiler vectorizes: glibc's expf
-// is a scalar call, and one per score was most of the kernel's time. Cephes' polynomial for
-// exp(r) on |r| <= ln2/2 times 2^k; relative error ~1e-7, like expf's in practice.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);  // exp(-87) ~ 1.6e-38: below it the 2^k scale would leave the normals
-  const float k = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - k * 0.693359375f + k * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
 
 template <typename scalar_t>
 inline void load_row(const scalar_t* src, float* dst, int64_t n) {
@@ -87,15 +59,6 @@ inline void score_row_bf16(const c10::BFloat16* q, const c10::BFloat16* k, int64
 #endif
 
 #if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-inline __m512 load16(const c10::BFloat16* p) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-
 // acc[g, :] = sum_t p[g, t] v_t for one (sequence, KV head): 16 lanes of the head dimension at a
 // time, each query row's sum in registers across the whole context. GROUP is a template argument
 // so the sums stay in registers; two tokens at a time break the FMA dependency chain.
@@ -244,7 +207,7 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t t = 0; t < length; ++t) {
-          sg[t] = exp_nonpositive(sg[t] - top);
+          sg[t] = exp_approx(sg[t] - top);
           sum += sg[t];
         }
         inv_sum[g] = 1.f / sum;

@@ -8,6 +8,8 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include "cpu_math.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -17,13 +19,6 @@ namespace pagemesh {
 namespace {
 
 using bf16 = c10::BFloat16;
-
-inline float to_float(bf16 x) {
-  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
 
 // Round to nearest even, as c10::BFloat16(float) does for finite values, in a vectorizable form.
 inline uint16_t round_bits(float f) {
@@ -40,49 +35,8 @@ inline float round_float(float f) {
   return r;
 }
 
-// exp(x) over the whole float range, vectorizable (Cephes' polynomial times 2^k, ~1 ulp).
-inline float exp_any(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float k = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - k * 0.693359375f + k * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
 #if defined(__AVX512F__)
-// 16 lanes of exp_any and of bf16 loads, rounding and stores: gcc leaves the scalar forms of the
-// SiLU loop unvectorized.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-  const __m512 k = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fmadd_ps(k, _mm512_set1_ps(2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-}
-
-inline __m512 load_bf16x16(const uint16_t* p) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-
+// 16 lanes of bf16 rounding and stores: gcc leaves the scalar form of the SiLU loop unvectorized.
 inline __m512i round_bits16(__m512 f) {  // as round_bits, in the low half of each lane
   const __m512i bits = _mm512_castps_si512(f);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
@@ -179,14 +133,14 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 #if defined(__AVX512F__)
     const uint16_t* gb = gp + r * 2 * n;
     for (; i + 16 <= n; i += 16) {
-      const __m512 x = load_bf16x16(gb + i);
+      const __m512 x = load16(reinterpret_cast<const bf16*>(gb + i));
       const __m512 silu = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
-      store_bf16x16(o + i, _mm512_mul_ps(round_float16(silu), load_bf16x16(gb + n + i)));
+      store_bf16x16(o + i, _mm512_mul_ps(round_float16(silu), load16(reinterpret_cast<const bf16*>(gb + n + i))));
     }
 #endif
     for (; i < n; ++i) {
       const float x = to_float(g[i]);
-      o[i] = round_bits(round_float(x / (1.f + exp_any(-x))) * to_float(u[i]));
+      o[i] = round_bits(round_float(x / (1.f + exp_approx(-x))) * to_float(u[i]));
     }
   });
   return out;
