@@ -25,6 +25,8 @@ from functools import cache
 from pathlib import Path
 from types import ModuleType
 
+import torch
+
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
@@ -50,7 +52,8 @@ def _build_dir() -> tuple[str, Path]:
 
 @cache
 def load() -> ModuleType | None:
-    """The compiled module, or None where the kernels are off or cannot be built here."""
+    """torch.ops.pagemesh (the kernels as torch operators, which torch.profiler names), or None
+    where the kernels are off or cannot be built here."""
     if os.environ.get("PAGEMESH_CPU_KERNELS", "1") == "0":
         return None
     name, directory = _build_dir()
@@ -61,14 +64,17 @@ def load() -> ModuleType | None:
         directory.mkdir(parents=True, exist_ok=True)
         if not built:
             log.warning("building the CPU kernels once for this machine (about a minute)")
-        return cpp_extension.load(
+        cpp_extension.load(
             name=name,
             sources=[str(f) for f in SOURCES],
             extra_cflags=CFLAGS,
             extra_ldflags=["-fopenmp"],
             build_directory=str(directory),
             verbose=False,
+            is_python_module=False,  # loads the library, whose TORCH_LIBRARY registers torch.ops.pagemesh
         )
+        return torch.ops.pagemesh
+
     except Exception as exc:  # no compiler, no ninja, an odd platform: the torch path still works
         log.warning("CPU kernels unavailable, using the torch path: %s", exc)
         return None

@@ -1,5 +1,6 @@
-// The Python module of the CPU kernels (worker.cpu_kernels builds it from every file here).
-#include <torch/extension.h>
+// Registers the CPU kernels as torch operators (torch.ops.pagemesh.*), so that torch.profiler
+// names them in `python -m pagemesh.bench.profile` like any aten op.
+#include <torch/library.h>
 
 namespace pagemesh {
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -11,10 +12,25 @@ void rope_and_cache(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& si
                     at::Tensor& k_cache, at::Tensor& v_cache, int64_t heads, int64_t kv_heads);
 }  // namespace pagemesh
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention", &pagemesh::decode_attention, "paged decode attention over the cache in place");
-  m.def("rms_norm", &pagemesh::rms_norm, "bf16 RMSNorm, rounded as transformers' is");
-  m.def("add_rms_norm", &pagemesh::add_rms_norm, "residual += delta in place; returns rms_norm(residual)");
-  m.def("silu_mul", &pagemesh::silu_mul, "[T, 2I] gate|up -> bf16(silu(gate)) * up");
-  m.def("rope_and_cache", &pagemesh::rope_and_cache, "rotate q, k of qkv in place; k, v into the paged cache");
+TORCH_LIBRARY(pagemesh, m) {
+  // paged decode attention over the cache in place
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
+        "float scale) -> Tensor");
+  // bf16 RMSNorm, rounded as transformers' is
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  // residual += delta in place; returns rms_norm(residual)
+  m.def("add_rms_norm(Tensor(a!) residual, Tensor delta, Tensor weight, float eps) -> Tensor");
+  // [T, 2I] gate|up -> bf16(silu(gate)) * up
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
+  // rotate q, k of qkv in place; k, v into the paged cache
+  m.def("rope_and_cache(Tensor(a!) qkv, Tensor cos, Tensor sin, Tensor slots, Tensor(b!) k_cache, "
+        "Tensor(c!) v_cache, int heads, int kv_heads) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(pagemesh, CPU, m) {
+  m.impl("decode_attention", &pagemesh::decode_attention);
+  m.impl("rms_norm", &pagemesh::rms_norm);
+  m.impl("add_rms_norm", &pagemesh::add_rms_norm);
+  m.impl("silu_mul", &pagemesh::silu_mul);
+  m.impl("rope_and_cache", &pagemesh::rope_and_cache);
 }
