@@ -176,3 +176,18 @@ def test_bf16_model_with_fused_ops_agrees_with_the_torch_path(tmp_path, monkeypa
     assert [t for t, _ in fused] == [t for t, _ in plain]
     for (_, a), (_, b) in zip(fused, plain, strict=True):
         assert abs(a - b) < 0.05
+
+
+def test_runner_uses_the_kernels_in_bf16_only(tmp_path):
+    """bf16 on CPU runs every kernel (a build that silently fell back would lose the fast path);
+    fp32, the mode that matches transformers token for token, runs none."""
+    from tiny_models import build_tiny_llama
+
+    from worker.model_runner import ModelRunner
+
+    path = str(build_tiny_llama(tmp_path / "m"))
+    bf16 = ModelRunner(path, dtype="bfloat16", kv_cache_memory=1 << 20)
+    assert bf16.cpu_kernels == "decode attention, fused layer ops"
+    assert bf16.model.layers[0].self_attn.ops is not None
+    fp32 = ModelRunner(path, dtype="float32", kv_cache_memory=1 << 20)
+    assert fp32.cpu_kernels == "" and fp32.model.layers[0].self_attn.ops is None

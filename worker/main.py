@@ -45,10 +45,12 @@ def main(argv: list[str] | None = None) -> int:
         enforce_eager=a.enforce_eager,
     )
     cap = runner.capacity
+    graphs_note = ", CUDA graphs" if runner.decode_graphs else ""
+    kernels_note = f", CPU kernels: {runner.cpu_kernels}" if runner.cpu_kernels else ""
     print(
         f"worker: loaded in {time.perf_counter() - start:.1f}s: {cap.dtype} on {cap.device}, "
         f"{cap.num_blocks} KV blocks of {cap.block_size} tokens, max_model_len {cap.max_model_len}, "
-        f"{runner.attention_backend} attention{', CUDA graphs' if runner.decode_graphs else ''}",
+        f"{runner.attention_backend} attention{graphs_note}{kernels_note}",
         flush=True,
     )
     loop = MainThreadLoop()  # the forward passes run here, on the thread that loaded the model

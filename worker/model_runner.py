@@ -90,10 +90,15 @@ class ModelRunner:
 
         self.attention_backend = resolve_attention_backend(attention_backend, device)
         self.model.set_attention_backend(get_attention_backend(self.attention_backend))
+        # Which C++ kernels of worker.cpu_kernels run ("" for none): reported at load.
+        self.cpu_kernels = ""
         if device == "cpu" and self.dtype != torch.float32:
             kernels = cpu_kernels.load()  # built once per machine, now rather than in the first step
-            if self.dtype == torch.bfloat16 and self.attention_backend == "torch":
+            if kernels is not None:
+                self.cpu_kernels = "decode attention"
+            if kernels is not None and self.dtype == torch.bfloat16 and self.attention_backend == "torch":
                 self.model.use_cpu_ops(kernels)
+                self.cpu_kernels += ", fused layer ops"
         on_triton_gpu = self.attention_backend == "triton" and device.startswith("cuda")
         # SM count for the split-KV policy; 0 (never split) off the GPU.
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if on_triton_gpu else 0
