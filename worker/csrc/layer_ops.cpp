@@ -155,6 +155,8 @@ void rope_and_cache(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& si
   check_rows(cos, "rope_and_cache cos");
   check_rows(sin, "rope_and_cache sin");
   const int64_t tokens = qkv.size(0), dim = cos.size(1), half = dim / 2;
+  constexpr int64_t kMaxHeadDim = 1024;  // one rotated head is staged on the stack
+  TORCH_CHECK(dim % 2 == 0 && dim <= kMaxHeadDim, "rope_and_cache: head_dim must be even and <= 1024");
   TORCH_CHECK(qkv.size(1) == (heads + 2 * kv_heads) * dim && cos.size(0) == tokens && sin.sizes() == cos.sizes(),
               "rope_and_cache: shapes");
   TORCH_CHECK(k_cache.scalar_type() == at::kBFloat16 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
@@ -175,7 +177,7 @@ void rope_and_cache(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& si
     for (int64_t h = 0; h < heads + kv_heads; ++h) {
       uint16_t* x = token + h * dim;
       const bf16* xb = reinterpret_cast<const bf16*>(x);
-      uint16_t rotated[1024];
+      uint16_t rotated[kMaxHeadDim];
 #pragma omp simd
       for (int64_t d = 0; d < half; ++d)
         rotated[d] = round_bits(round_float(to_float(xb[d]) * to_float(c[d])) -
