@@ -149,6 +149,12 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const
     // Keys of the generic path are scored a tile of kTile tokens at a time from a transposed fp32
     // copy, so the inner loop runs across tokens (one vector) with no horizontal sum per dot.
     std::vector<float> qf(group * dim), acc(group * dim), row(dim), keys_t(dim * kTile), scores;
+    std::vector<float> inv_sum(group);
+#if defined(__AVX512BF16__)
+    const bool bf16_rows = std::is_same_v<scalar_t, c10::BFloat16> && dim % 32 == 0;
+#else
+    const bool bf16_rows = false;
+#endif
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t seq = item / kv_heads, head = item % kv_heads;
@@ -157,8 +163,10 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const
       const int64_t first_q = (seq * heads + head * group) * dim;
       const int64_t head_offset = head * dim;
       const int64_t num_blocks = (length + block_size - 1) / block_size;
-      load_row(q_ptr + first_q, qf.data(), group * dim);
-      for (auto& x : qf) x *= fscale;
+      if (!bf16_rows) {  // the tile path scores with a scaled fp32 copy of the queries
+        load_row(q_ptr + first_q, qf.data(), group * dim);
+        for (auto& x : qf) x *= fscale;
+      }
       scores.resize(group * length);
 
       // Walk the context block by block: no division per token, one table read per block.
@@ -170,7 +178,7 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const
                          std::min(block_size, length - (block + 1) * block_size), token_stride, dim);
 #if defined(__AVX512BF16__)
         if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-          if (dim % 32 == 0) {
+          if (bf16_rows) {
             for (int64_t t = 0; t < block_len; ++t)
               score_row_bf16(q_ptr + first_q, base + t * token_stride, group, dim, fscale,
                              scores.data() + block * block_size + t, length);
@@ -199,7 +207,6 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const
           }
         }
       }
-      std::vector<float> inv_sum(group);
       for (int64_t g = 0; g < group; ++g) {  // softmax over t, left unnormalized until the end
         float* sg = scores.data() + g * length;
         float top = -std::numeric_limits<float>::infinity();
@@ -212,26 +219,27 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const
         }
         inv_sum[g] = 1.f / sum;
       }
+      bool summed = false;  // acc[g] = sum_t p[g, t] v_t
 #if defined(__AVX512F__)
-      if (!weighted_values_any(group, v_ptr, table, length, block_size, block_stride, token_stride, head_offset,
-                               dim, scores.data(), acc.data()))
+      summed = weighted_values_any(group, v_ptr, table, length, block_size, block_stride, token_stride, head_offset,
+                                   dim, scores.data(), acc.data());
 #endif
-      {
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t block = 0; block < num_blocks; ++block) {  // acc[g] += p[g, t] * v_t
-        const scalar_t* base = v_ptr + table[block] * block_stride + head_offset;
-        const int64_t block_len = std::min(block_size, length - block * block_size);
-        for (int64_t t = 0; t < block_len; ++t) {
-          load_row(base + t * token_stride, row.data(), dim);
-          const int64_t pos = block * block_size + t;
-          for (int64_t g = 0; g < group; ++g) {
-            const float p = scores[g * length + pos];
-            float* ag = acc.data() + g * dim;
+      if (!summed) {
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t block = 0; block < num_blocks; ++block) {
+          const scalar_t* base = v_ptr + table[block] * block_stride + head_offset;
+          const int64_t block_len = std::min(block_size, length - block * block_size);
+          for (int64_t t = 0; t < block_len; ++t) {
+            load_row(base + t * token_stride, row.data(), dim);
+            const int64_t pos = block * block_size + t;
+            for (int64_t g = 0; g < group; ++g) {
+              const float p = scores[g * length + pos];
+              float* ag = acc.data() + g * dim;
 #pragma omp simd
-            for (int64_t d = 0; d < dim; ++d) ag[d] += p * row[d];
+              for (int64_t d = 0; d < dim; ++d) ag[d] += p * row[d];
+            }
           }
         }
-      }
       }
       for (int64_t g = 0; g < group; ++g)
         for (int64_t d = 0; d < dim; ++d)
