@@ -4,21 +4,26 @@ The KV cache of one layer is two tensors [num_blocks, block_size, kv_heads, head
 are scattered into it through a slot mapping (slot = block_id * block_size + offset); attention
 reads each sequence's context through its row of the block table.
 
-A step's flat batch puts decodes (one query token each) first, then prefill chunks. Decodes in
-half precision run the CPU kernel of worker.cpu_kernels over the paged cache in place (SDPA with
-one query token is slow on CPU, in bf16 very slow); see _decode_attention for the rest. Prefill
+A step's flat batch puts decodes (one query token each) first, then prefill chunks. Decodes run
+all at once: through a `decode_kernel` when the runner passes one (worker.cpu_kernels' C++ kernel,
+over the paged cache in place; see attention_backend.with_decode_kernel), else over contexts
+gathered from the cache (SDPA with one query token is slow on CPU, in bf16 very slow). Prefill
 chunks run one sequence at a time through SDPA, with a causal mask offset by the context already
 cached.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from worker import cpu_kernels
+# (q [B, heads, D], k_cache, v_cache, block_tables [B, W] int32, seq_lens [B] int32, scale) -> [B, heads, D]
+DecodeKernel = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor
+]
 
 
 @dataclass(slots=True)
@@ -57,12 +62,16 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    decode_kernel: DecodeKernel | None = None,
 ) -> torch.Tensor:
     """q [T, heads, head_dim]; k, v [T, kv_heads, head_dim] are this step's new entries, already
     written to the cache. Returns [T, heads, head_dim]."""
     out = torch.empty_like(q)
     num_decodes = meta.num_decodes
-    if num_decodes:
+    if num_decodes and decode_kernel is not None:
+        q_decode = q[:num_decodes].contiguous()
+        out[:num_decodes] = decode_kernel(q_decode, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
+    elif num_decodes:
         out[:num_decodes] = _decode_attention(q[:num_decodes], k_cache, v_cache, meta, scale)
     starts, lens = meta.query_start_host, meta.seq_lens_host
     for i in range(num_decodes, len(lens)):
@@ -92,22 +101,13 @@ def paged_attention(
 def _decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
-    """All decodes at once.
+    """All decodes at once, over contexts gathered from the cache and padded to the longest.
 
-    Half precision on the CPU runs the C++ kernel of worker.cpu_kernels: it reads each context in
-    place through the block table, with scores, softmax and sums in fp32 (more exact than the
-    matmuls below, which round scores to the model dtype as Hugging Face's eager attention does).
-    Otherwise the contexts are gathered from the cache and padded to the longest; the query heads
-    sharing a KV head are one group of rows against that head's keys, so no K/V is repeated per
-    head. Half precision (the fallback where the kernel cannot be built) runs two batched matmuls
-    over (kv head, sequence) pairs, softmax in fp32. float32, the mode that matches transformers
-    token for token, runs SDPA's flash kernel on strided views."""
-    if q.dtype != torch.float32 and q.device.type == "cpu":
-        kernels = cpu_kernels.load()
-        if kernels is not None:  # in place over the paged cache, fp32 sums (worker.cpu_kernels)
-            return kernels.decode_attention(
-                q.contiguous(), k_cache, v_cache, meta.block_tables, meta.seq_lens, scale
-            )
+    The query heads sharing a KV head are one group of rows against that head's keys, so no K/V
+    is repeated per head. Half precision (on the CPU only where the C++ kernel cannot be built)
+    runs two batched matmuls over (kv head, sequence) pairs, with the scores rounded to the model
+    dtype as Hugging Face's eager attention does and the softmax in fp32. float32, the mode that
+    matches transformers token for token, runs SDPA's flash kernel on strided views."""
     num_seqs, heads, head_dim = q.shape
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv_heads

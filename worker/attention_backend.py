@@ -15,11 +15,12 @@ TRITON_INTERPRET=1 is set would make its kernels unusable there for the rest of 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 
-from worker.attention import AttentionMetadata, paged_attention, write_kv
+from worker.attention import AttentionMetadata, DecodeKernel, paged_attention, write_kv
 
 BACKEND_CHOICES = ("auto", "torch", "triton")
 
@@ -38,6 +39,12 @@ class AttentionBackend:
 
 
 TORCH_BACKEND = AttentionBackend("torch", write_kv, paged_attention)
+
+
+def with_decode_kernel(kernel: DecodeKernel) -> AttentionBackend:
+    """The torch backend with its decodes run by `kernel` (on CPU: worker.cpu_kernels'
+    decode_attention, chosen once by the runner for half-precision models)."""
+    return replace(TORCH_BACKEND, attention=partial(paged_attention, decode_kernel=kernel))
 
 
 def resolve_attention_backend(name: str, device: str) -> str:

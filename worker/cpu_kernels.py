@@ -74,7 +74,6 @@ def load() -> ModuleType | None:
             is_python_module=False,  # loads the library, whose TORCH_LIBRARY registers torch.ops.pagemesh
         )
         return torch.ops.pagemesh
-
     except Exception as exc:  # no compiler, no ninja, an odd platform: the torch path still works
         log.warning("CPU kernels unavailable, using the torch path: %s", exc)
         return None

@@ -9,7 +9,8 @@ attention taking 1.3 ms instead of 60 us. Keeping freed memory in the heap remov
 Loading is the exception: its temporaries (checkpoint tensors, the plain weights that packing
 replaces) are freed once and never needed again. So the runner loads with glibc's defaults,
 trims the heap, and only then keeps what steps free (SmolLM2 in bf16: the worker's resident
-memory 1617 -> ~1270 MiB with a 720 MiB KV cache).
+memory after loading 1617 -> ~1450 MiB with a 720 MiB KV cache; not importing torch._dynamo,
+worker.loader, took it to 1307).
 """
 
 from __future__ import annotations

@@ -20,7 +20,12 @@ from services.sampling_params import SamplingParams
 from services.step import NewRequest, StepInput, StepOutput, WorkerCapacity
 from worker import cpu_kernels, kv_cache
 from worker.attention import AttentionMetadata
-from worker.attention_backend import choose_num_kv_splits, get_attention_backend, resolve_attention_backend
+from worker.attention_backend import (
+    choose_num_kv_splits,
+    get_attention_backend,
+    resolve_attention_backend,
+    with_decode_kernel,
+)
 from worker.cpu_memory import keep_freed_memory, release_freed_memory
 from worker.cuda_graph import DecodeGraphs, pad_decode_batch
 from worker.loader import load_model
@@ -89,16 +94,19 @@ class ModelRunner:
             keep_freed_memory()
 
         self.attention_backend = resolve_attention_backend(attention_backend, device)
-        self.model.set_attention_backend(get_attention_backend(self.attention_backend))
-        # Which C++ kernels of worker.cpu_kernels run ("" for none): reported at load.
+        backend = get_attention_backend(self.attention_backend)
+        # Which C++ kernels of worker.cpu_kernels run ("" for none): reported at load. Half
+        # precision on the CPU only; float32 stays the transformers-exact torch path.
         self.cpu_kernels = ""
-        if device == "cpu" and self.dtype != torch.float32:
-            kernels = cpu_kernels.load()  # built once per machine, now rather than in the first step
-            if kernels is not None:
-                self.cpu_kernels = "decode attention"
-            if kernels is not None and self.dtype == torch.bfloat16 and self.attention_backend == "torch":
+        cpu_half = device == "cpu" and self.dtype != torch.float32 and self.attention_backend == "torch"
+        kernels = cpu_kernels.load() if cpu_half else None  # built once per machine, not in a step
+        if kernels is not None:
+            backend = with_decode_kernel(kernels.decode_attention)
+            self.cpu_kernels = "decode attention"
+            if self.dtype == torch.bfloat16:
                 self.model.use_cpu_ops(kernels)
                 self.cpu_kernels += ", fused layer ops"
+        self.model.set_attention_backend(backend)
         on_triton_gpu = self.attention_backend == "triton" and device.startswith("cuda")
         # SM count for the split-KV policy; 0 (never split) off the GPU.
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if on_triton_gpu else 0
