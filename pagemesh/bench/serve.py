@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 
 # Common English words that are each one token (with their leading space) for SmolLM2's BPE, so a
 # prompt of N of them is N tokens even without a tokenizer. Checked against tokenizer.json.
@@ -83,17 +83,17 @@ class TokenizerApi:
     """The server's /tokenize and /detokenize. vLLM and pagemesh take {"prompt"} and answer
     {"tokens"} / {"prompt"}; llama.cpp takes {"content"} and answers {"tokens"} / {"content"}."""
 
-    def __init__(self, client: httpx.AsyncClient, base_url: str, model: str, shape: str) -> None:
+    def __init__(self, client: aiohttp.ClientSession, base_url: str, model: str, shape: str) -> None:
         self.client, self.base_url, self.model, self.shape = client, base_url, model, shape
 
     @classmethod
-    async def probe(cls, client: httpx.AsyncClient, base_url: str, model: str) -> TokenizerApi | None:
+    async def probe(cls, client: aiohttp.ClientSession, base_url: str, model: str) -> TokenizerApi | None:
         for shape in ("vllm", "llamacpp"):
             api = cls(client, base_url, model, shape)
             try:
                 if await api.tokenize(" hello world"):
                     return api
-            except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            except (aiohttp.ClientError, ValueError, KeyError, TypeError):
                 pass
         return None
 
@@ -102,17 +102,17 @@ class TokenizerApi:
             body: dict[str, Any] = {"model": self.model, "prompt": text, "add_special_tokens": False}
         else:
             body = {"content": text, "add_special": False}
-        r = await self.client.post(f"{self.base_url}/tokenize", json=body)
-        r.raise_for_status()
-        return [int(t) for t in r.json()["tokens"]]
+        async with self.client.post(f"{self.base_url}/tokenize", json=body) as r:
+            r.raise_for_status()
+            return [int(t) for t in (await r.json())["tokens"]]
 
     async def detokenize(self, tokens: list[int]) -> str:
         body: dict[str, Any] = {"tokens": tokens}
         if self.shape == "vllm":
             body["model"] = self.model
-        r = await self.client.post(f"{self.base_url}/detokenize", json=body)
-        r.raise_for_status()
-        return str(r.json()["prompt" if self.shape == "vllm" else "content"])
+        async with self.client.post(f"{self.base_url}/detokenize", json=body) as r:
+            r.raise_for_status()
+            return str((await r.json())["prompt" if self.shape == "vllm" else "content"])
 
 
 def random_words(rng: random.Random, n: int) -> str:
@@ -152,34 +152,40 @@ async def make_prompts(
 # Requests
 
 
-async def sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
-    """The JSON objects of an SSE stream, up to `data: [DONE]`."""
-    async for line in response.aiter_lines():
-        if not line.startswith("data:"):
-            continue
-        data = line[5:].strip()
-        if data == "[DONE]":
-            return
-        try:
-            event = json.loads(data)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(event, dict):  # anything else is no OpenAI chunk: skip it rather than crash
-            yield event
+async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+    """The JSON objects of an SSE stream, up to `data: [DONE]`. Reads whatever bytes arrived and
+    splits lines itself: one await per network read rather than per line keeps the client cheap
+    (it shares the machine with the server it measures)."""
+    pending = b""
+    async for data in response.content.iter_any():
+        lines = (pending + data).split(b"\n")
+        pending = lines.pop()  # an incomplete last line waits for the next read
+        for line in lines:
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                return
+            try:
+                event = json.loads(payload)
+            except ValueError:  # not JSON, or not UTF-8
+                continue
+            if isinstance(event, dict):  # anything else is no OpenAI chunk: skip it rather than crash
+                yield event
 
 
 async def send_request(
-    client: httpx.AsyncClient, url: str, body: dict[str, Any], prompt: Prompt
+    client: aiohttp.ClientSession, url: str, body: dict[str, Any], prompt: Prompt
 ) -> RequestResult:
     result = RequestResult(prompt_tokens=prompt.tokens)
     start = time.perf_counter()
     last: float | None = None
     chunks_with_text = 0
     try:
-        async with client.stream("POST", url, json=body) as response:
-            if response.status_code != 200:
-                text = (await response.aread()).decode(errors="replace")
-                result.error = f"HTTP {response.status_code}: {text[:300]}"
+        async with client.post(url, json=body) as response:
+            if response.status != 200:
+                text = (await response.read()).decode(errors="replace")
+                result.error = f"HTTP {response.status}: {text[:300]}"
                 return result
             async for event in sse_events(response):
                 now = time.perf_counter()
@@ -201,7 +207,7 @@ async def send_request(
                     result.tokens_from_usage = True
                     if isinstance(usage.get("prompt_tokens"), int):
                         result.prompt_tokens = usage["prompt_tokens"]
-    except httpx.HTTPError as e:
+    except (aiohttp.ClientError, TimeoutError) as e:
         result.error = f"{type(e).__name__}: {e}"
     result.latency = time.perf_counter() - start
     if not result.tokens_from_usage:
@@ -293,10 +299,10 @@ def summarize(results: list[RequestResult], duration: float, slos: dict[str, flo
 # The run
 
 
-async def first_model(client: httpx.AsyncClient, base_url: str) -> str:
-    r = await client.get(f"{base_url}/v1/models")
-    r.raise_for_status()
-    return str(r.json()["data"][0]["id"])
+async def first_model(client: aiohttp.ClientSession, base_url: str) -> str:
+    async with client.get(f"{base_url}/v1/models") as r:
+        r.raise_for_status()
+        return str((await r.json())["data"][0]["id"])
 
 
 async def benchmark(a: argparse.Namespace) -> dict[str, Any]:
@@ -304,12 +310,12 @@ async def benchmark(a: argparse.Namespace) -> dict[str, Any]:
     base_url = a.base_url.rstrip("/")
     headers = {"Authorization": f"Bearer {a.api_key}"} if a.api_key else {}
     slos = parse_goodput(a.goodput)
-    # No connection cap: httpx's default pool (100) would queue requests inside the client and
-    # count that wait as TTFT. trust_env=False: a proxy from the environment would distort latency.
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(
-        headers=headers, timeout=httpx.Timeout(a.timeout), limits=limits, trust_env=False
-    ) as client:
+    # No connection cap (limit=0): aiohttp's default pool (100) would queue requests inside the
+    # client and count that wait as TTFT. No proxy from the environment (trust_env stays False): it
+    # would distort latency.
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=a.timeout)
+    async with aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector) as client:
         model = a.model or await first_model(client, base_url)
         api = await TokenizerApi.probe(client, base_url, model) if a.tokenize else None
         prompts = await make_prompts(
@@ -468,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     try:
         summary = asyncio.run(benchmark(a))
-    except (httpx.HTTPError, RuntimeError) as e:
+    except (aiohttp.ClientError, TimeoutError, RuntimeError) as e:
         print(f"pagemesh bench serve: {e}", file=sys.stderr)
         return 1
     print(report(summary))
