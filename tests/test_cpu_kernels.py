@@ -64,7 +64,7 @@ def test_decode_attention_rejects_what_it_cannot_read(kernels):
     cache = torch.randn(8, 16, 2, 16)
     tables = torch.zeros(2, 1, dtype=torch.int32)
     lens = torch.tensor([3, 4], dtype=torch.int32)
-    with pytest.raises(RuntimeError, match="share a dtype"):
+    with pytest.raises(RuntimeError, match="in q.s dtype or int8"):
         kernels.decode_attention(q.bfloat16(), cache, cache, tables, lens, 0.25)
     with pytest.raises(RuntimeError, match="int32"):
         kernels.decode_attention(q, cache, cache, tables.long(), lens, 0.25)

@@ -1,8 +1,9 @@
 """Paged attention, torch path (CPU, and the reference the Triton kernels are tested against).
 
-The KV cache of one layer is two tensors [num_blocks, block_size, kv_heads, head_dim]. New K/V
-are scattered into it through a slot mapping (slot = block_id * block_size + offset); attention
-reads each sequence's context through its row of the block table.
+The KV cache of one layer is two tensors [num_blocks, block_size, kv_heads, head_dim] (in the
+model's dtype, or int8 rows of head_dim + 4 bytes with their scale: worker.kv_quant). New K/V are
+scattered into it through a slot mapping (slot = block_id * block_size + offset); attention reads
+each sequence's context through its row of the block table.
 
 A step's flat batch puts decodes (one query token each) first, then prefill chunks. Decodes run
 all at once: through a `decode_kernel` when the runner passes one (worker.cpu_kernels' C++ kernel,
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from worker import kv_quant
 
 # (q [B, heads, D], k_cache, v_cache, block_tables [B, W] int32, seq_lens [B] int32, scale) -> [B, heads, D]
 DecodeKernel = Callable[
@@ -42,16 +45,24 @@ def write_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """Scatter k, v [T, kv_heads, head_dim] into the paged cache at slot_mapping [T]."""
-    kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    if k_cache.dtype == torch.int8:
+        k, v = kv_quant.quantize(k), kv_quant.quantize(v)
+    kv_heads, row = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, kv_heads, row).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, kv_heads, row).index_copy_(0, slot_mapping, v)
 
 
-def gather_context(cache: torch.Tensor, block_table_row: torch.Tensor, length: int) -> torch.Tensor:
-    """One sequence's first `length` cached entries, [length, kv_heads, head_dim]."""
+def gather_context(
+    cache: torch.Tensor, block_table_row: torch.Tensor, length: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """One sequence's first `length` cached entries, [length, kv_heads, head_dim] in dtype."""
     block_size = cache.shape[1]
     num_blocks = -(-length // block_size)
-    return cache[block_table_row[:num_blocks]].flatten(0, 1)[:length]
+    return _in_dtype(cache[block_table_row[:num_blocks]].flatten(0, 1)[:length], dtype)
+
+
+def _in_dtype(entries: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return kv_quant.dequantize(entries, dtype) if entries.dtype == torch.int8 else entries
 
 
 def paged_attention(
@@ -81,8 +92,8 @@ def paged_attention(
             kc, vc = k[lo:hi], v[lo:hi]
             mask = None
         else:
-            kc = gather_context(k_cache, meta.block_tables[i], ctx)
-            vc = gather_context(v_cache, meta.block_tables[i], ctx)
+            kc = gather_context(k_cache, meta.block_tables[i], ctx, q.dtype)
+            vc = gather_context(v_cache, meta.block_tables[i], ctx, q.dtype)
             rows = torch.arange(ctx - n, ctx, device=q.device).unsqueeze(1)
             mask = torch.arange(ctx, device=q.device).unsqueeze(0) <= rows
         o = F.scaled_dot_product_attention(
@@ -117,8 +128,8 @@ def _decode_attention(
     ids = meta.block_tables[:num_seqs, :num_blocks].flatten()
     hidden = torch.arange(length, device=q.device).unsqueeze(0) >= meta.seq_lens[:num_seqs].unsqueeze(1)
 
-    keys = k_cache.index_select(0, ids).view(num_seqs, length, kv_heads, head_dim)
-    values = v_cache.index_select(0, ids).view(num_seqs, length, kv_heads, head_dim)
+    keys = _in_dtype(k_cache.index_select(0, ids), q.dtype).view(num_seqs, length, kv_heads, head_dim)
+    values = _in_dtype(v_cache.index_select(0, ids), q.dtype).view(num_seqs, length, kv_heads, head_dim)
     if q.dtype == torch.float32:  # [B, kv_heads, group, D] against [B, kv_heads, L, D] views
         qg = q.view(num_seqs, kv_heads, group, head_dim)
         visible = ~hidden[:, None, None, :]

@@ -1,17 +1,35 @@
-"""The physical paged KV cache: per layer, K and V tensors [num_blocks, block_size, kv_heads, head_dim]."""
+"""The physical paged KV cache: per layer, K and V tensors [num_blocks, block_size, kv_heads, row]:
+rows of head_dim values in the model's dtype, or, for an int8 cache, head_dim int8 values and
+their scale (worker.kv_quant)."""
 
 from __future__ import annotations
 
 import torch
 
+from worker import kv_quant
 from worker.model_config import ModelConfig
+
+KV_CACHE_DTYPES = ("auto", "int8")  # auto: the model's dtype
 
 DEFAULT_CPU_KV_BYTES = 1 << 30
 
 
+def cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """--kv-cache-dtype -> the cache tensors' dtype."""
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        choices = ", ".join(KV_CACHE_DTYPES)
+        raise ValueError(f"kv_cache_dtype must be one of {choices}; got {kv_cache_dtype!r}")
+    return torch.int8 if kv_cache_dtype == "int8" else model_dtype
+
+
+def _row(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    return kv_quant.row_bytes(cfg.head_dim) if dtype == torch.int8 else cfg.head_dim
+
+
 def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """dtype: the cache's (cache_dtype)."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * _row(cfg, dtype) * elem
 
 
 def num_blocks_for(
@@ -46,7 +64,7 @@ def num_blocks_for(
 def allocate(
     cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: str
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+    shape = (num_blocks, block_size, cfg.num_kv_heads, _row(cfg, dtype))
     return [
         (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
         for _ in range(cfg.num_layers)

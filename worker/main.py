@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         block_size=a.block_size,
         max_model_len=a.max_model_len,
         kv_cache_memory=a.kv_cache_memory,
+        kv_cache_dtype=a.kv_cache_dtype,
         gpu_memory_utilization=a.gpu_memory_utilization,
         num_threads=a.num_threads,
         attention_backend=a.attention_backend,
@@ -47,9 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     cap = runner.capacity
     graphs_note = ", CUDA graphs" if runner.decode_graphs else ""
     kernels_note = f", CPU kernels: {runner.cpu_kernels}" if runner.cpu_kernels else ""
+    kv_dtype = str(runner.kv_cache_dtype).removeprefix("torch.")
+    kv_note = f" ({kv_dtype})" if runner.kv_cache_dtype != runner.dtype else ""
     print(
         f"worker: loaded in {time.perf_counter() - start:.1f}s: {cap.dtype} on {cap.device}, "
-        f"{cap.num_blocks} KV blocks of {cap.block_size} tokens, max_model_len {cap.max_model_len}, "
+        f"{cap.num_blocks} KV blocks{kv_note} of {cap.block_size} tokens, max_model_len {cap.max_model_len}, "
         f"{runner.attention_backend} attention{graphs_note}{kernels_note}",
         flush=True,
     )

@@ -53,15 +53,17 @@ class ModelRunner:
         block_size: int = 16,
         max_model_len: int | None = None,
         kv_cache_memory: int | None = None,
+        kv_cache_dtype: str = "auto",
         gpu_memory_utilization: float = 0.9,
         num_threads: int | None = None,
         attention_backend: str = "auto",
         enforce_eager: bool = False,
         max_num_seqs: int = 128,
     ) -> None:
-        """attention_backend: auto (triton on CUDA, torch on CPU), torch or triton. enforce_eager: no
-        CUDA graphs. max_num_seqs: the largest decode batch captured in a graph (the scheduler's
-        limit; larger batches would run eagerly)."""
+        """attention_backend: auto (triton on CUDA, torch on CPU), torch or triton. kv_cache_dtype:
+        auto (the model's dtype) or int8 (worker.kv_quant; the torch backend only). enforce_eager:
+        no CUDA graphs. max_num_seqs: the largest decode batch captured in a graph (the
+        scheduler's limit; larger batches would run eagerly)."""
         if num_threads:
             torch.set_num_threads(num_threads)
         self.cfg = ModelConfig.from_dir(model)
@@ -83,17 +85,20 @@ class ModelRunner:
                 f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings "
                 f"{self.cfg.max_position_embeddings}"
             )
+        self.kv_cache_dtype = kv_cache.cache_dtype(kv_cache_dtype, self.dtype)
+        if self.kv_cache_dtype == torch.int8 and (device != "cpu" or attention_backend == "triton"):
+            raise ValueError("kv_cache_dtype int8 runs on the CPU's torch attention backend only")
+        self.attention_backend = resolve_attention_backend(attention_backend, device)
         self.model = load_model(self.cfg, self.dtype, device, self.max_model_len)
         self.num_blocks = kv_cache.num_blocks_for(
-            self.cfg, block_size, self.dtype, device, kv_cache_memory, gpu_memory_utilization
+            self.cfg, block_size, self.kv_cache_dtype, device, kv_cache_memory, gpu_memory_utilization
         )
-        self.kv_caches = kv_cache.allocate(self.cfg, self.num_blocks, block_size, self.dtype, device)
+        self.kv_caches = kv_cache.allocate(self.cfg, self.num_blocks, block_size, self.kv_cache_dtype, device)
         self.requests: dict[str, RequestState] = {}
         if device == "cpu":  # loading's temporaries go back to the OS; steps' activations stay (cpu_memory)
             release_freed_memory()
             keep_freed_memory()
 
-        self.attention_backend = resolve_attention_backend(attention_backend, device)
         backend = get_attention_backend(self.attention_backend)
         # Which C++ kernels of worker.cpu_kernels run ("" for none): reported at load. Half
         # precision on the CPU only; float32 stays the transformers-exact torch path.

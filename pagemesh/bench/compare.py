@@ -3,7 +3,9 @@
 One after the other, so that no two share the (small, often shared) machine:
   (a) Hugging Face transformers `generate`, one request at a time, on a few prompts;
   (b) llama.cpp's llama-server on the default model's GGUF, when LLAMA_SERVER names the binary;
-  (c) pagemesh through the whole service stack (`pagemesh serve --dtype bfloat16`);
+  (c) pagemesh through the whole service stack (`pagemesh serve --dtype bfloat16`), with the
+      default KV cache (bf16) and again with `--kv-cache-dtype int8`, both holding llama-server's
+      number of KV tokens;
   (d) pagemesh in-process (`LLM.generate` on all prompts at once).
 The servers get the same streaming client (`pagemesh.bench.serve`) at each concurrency, closed loop.
 Results go to docs/benchmarks.md between the bench:serve markers (the rest of the file is kept),
@@ -35,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 
 from pagemesh.bench import serve
@@ -44,6 +47,7 @@ START_MARKER = "<!-- bench:serve:start -->"
 END_MARKER = "<!-- bench:serve:end -->"
 LLAMA_CPP = "llama.cpp server"
 STACK = "pagemesh serve"
+STACK_INT8 = "pagemesh serve, int8 KV"
 TOKENS_PER_SLOT = 1024  # llama-server's context per slot (prompt + output of one stream fit)
 
 
@@ -151,14 +155,14 @@ def llama_kv_tokens(a: argparse.Namespace) -> int:
     return TOKENS_PER_SLOT * llama_slots(a)
 
 
-def kv_bytes_per_token(model: Path) -> int:
-    """KV cache bytes a token takes in bf16 (llama.cpp's f16 the same): K and V, every layer."""
+def kv_bytes_per_token(model: Path, kv_cache_dtype: str) -> int:
+    """KV cache bytes a token takes (bf16 the same as llama.cpp's f16): K and V, every layer."""
     import torch
 
-    from worker.kv_cache import bytes_per_block
+    from worker.kv_cache import bytes_per_block, cache_dtype
     from worker.model_config import ModelConfig
 
-    return bytes_per_block(ModelConfig.from_dir(str(model)), 1, torch.bfloat16)
+    return bytes_per_block(ModelConfig.from_dir(str(model)), 1, cache_dtype(kv_cache_dtype, torch.bfloat16))
 
 
 @contextmanager
@@ -262,13 +266,15 @@ def run_all(a: argparse.Namespace, model: Path, logs: Path) -> dict[str, Any]:
         with llama_server(a.llama_server, gguf, llama_slots(a), logs / "llama-server.log") as (url, pids):
             res["servers"].append(asdict(sweep(LLAMA_CPP, url, pids, a)))
 
-    if "stack" not in a.skip:
-        print("\n(c) pagemesh serve (all services) ...", flush=True)
-        extra = shlex.split(a.serve_args)
+    for engine, kv_dtype in ((STACK, "auto"), (STACK_INT8, "int8")):
+        if ("stack" if kv_dtype == "auto" else "stack-int8") in a.skip:
+            continue
+        print(f"\n(c) {engine} (all services) ...", flush=True)
+        extra = shlex.split(a.serve_args) + ["--kv-cache-dtype", kv_dtype]
         if "--kv-cache-memory" not in extra:  # the same KV capacity as llama-server's context
-            extra += ["--kv-cache-memory", str(llama_kv_tokens(a) * kv_bytes_per_token(model))]
-        with pagemesh_stack(model, logs / "pagemesh-serve.log", extra) as (url, pids):
-            res["servers"].append(asdict(sweep(STACK, url, pids, a)))
+            extra += ["--kv-cache-memory", str(llama_kv_tokens(a) * kv_bytes_per_token(model, kv_dtype))]
+        with pagemesh_stack(model, logs / f"pagemesh-serve-{kv_dtype}.log", extra) as (url, pids):
+            res["servers"].append(asdict(sweep(engine, url, pids, a)))
 
     if "inprocess" not in a.skip:
         print(
@@ -341,8 +347,9 @@ def render(res: dict[str, Any], a: argparse.Namespace, plot_note: str | None) ->
         f"- Workload: distinct prompts of {a.input_len} tokens (random words; the offline runs use "
         f"random token ids), {a.output_len} output tokens each (`ignore_eos`), greedy; servers "
         "streamed over `/v1/completions` by `pagemesh bench serve`, closed loop at each concurrency.",
-        "- pagemesh runs bfloat16 weights; llama.cpp the package's Q4_1 GGUF with `-t 2 -np "
-        f"{llama_slots(a)} -c {llama_kv_tokens(a)} -cb`. Both hold a KV cache of "
+        "- pagemesh runs bfloat16 weights, its KV cache in bf16 (default) or int8 (`--kv-cache-dtype "
+        "int8`: int8 rows with a scale each); llama.cpp the package's Q4_1 GGUF, f16 KV, with `-t 2 -np "
+        f"{llama_slots(a)} -c {llama_kv_tokens(a)} -cb`. All hold a KV cache of "
         f"{llama_kv_tokens(a)} tokens (pagemesh: `--kv-cache-memory` to match, unless `--serve-args` "
         "sets it).",
     ]
@@ -367,30 +374,29 @@ def render(res: dict[str, Any], a: argparse.Namespace, plot_note: str | None) ->
                 f"| {o['engine']} | {o['num_prompts']} | {fmt(o['seconds'])} | {fmt(o['output_tok_per_s'])} |"
             )
 
-    stack = servers.get(STACK)
-    if stack:
-        out += [
-            "",
-            "### Ratios (output tok/s)",
-            "",
-            "| streams | pagemesh serve / llama.cpp | pagemesh serve / HF sequential |",
-        ]
-        out.append("|---|---|---|")
+    stacks = [s for name, s in servers.items() if name in (STACK, STACK_INT8)]
+    if stacks:
+        out += ["", "### Ratios (output tok/s)", ""]
+        out += ["| streams | engine | / llama.cpp | / HF sequential |", "|---|---|---|---|"]
+        hf = off["hf"]["output_tok_per_s"] if "hf" in off else None
         for i, c in enumerate(a.levels):
-            tok = stack["levels"][i]["output_throughput"]
             peer = servers[LLAMA_CPP]["levels"][i]["output_throughput"] if LLAMA_CPP in servers else None
-            hf = off["hf"]["output_tok_per_s"] if "hf" in off else None
-            out.append(
-                f"| {c} | {fmt(tok / peer if peer else None, 2)} | {fmt(tok / hf if hf else None, 2)} |"
-            )
+            for stack in stacks:
+                tok = stack["levels"][i]["output_throughput"]
+                out.append(
+                    f"| {c} | {stack['engine']} | {fmt(tok / peer if peer else None, 2)} | "
+                    f"{fmt(tok / hf if hf else None, 2)} |"
+                )
         if "inprocess" in off:
             ip = off["inprocess"]
-            ratio = stack["levels"][-1]["output_throughput"] / ip["output_tok_per_s"]
-            out.append(
-                f"\npagemesh serve at {a.levels[-1]} streams / in-process LLM.generate on "
-                f"{ip['num_prompts']} prompts at once: {ratio:.2f} (what HTTP, gRPC and separate "
-                "tokenizer, scheduler and worker processes cost)."
-            )
+            out.append("")
+            for stack in stacks:
+                ratio = stack["levels"][-1]["output_throughput"] / ip["output_tok_per_s"]
+                out.append(
+                    f"{stack['engine']} at {a.levels[-1]} streams / in-process LLM.generate (bf16 KV) on "
+                    f"{ip['num_prompts']} prompts at once: {ratio:.2f} (what HTTP, gRPC and separate "
+                    "tokenizer, scheduler and worker processes cost).  "
+                )
 
     rss = [s for s in servers.values() if s["peak_rss_mib"]]
     if rss:
@@ -470,7 +476,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER"), help="default: $LLAMA_SERVER")
     p.add_argument("--serve-args", default="", help="extra `pagemesh serve` flags, one string")
-    p.add_argument("--skip", nargs="*", default=[], choices=["hf", "llamacpp", "stack", "inprocess"])
+    p.add_argument(
+        "--skip", nargs="*", default=[], choices=["hf", "llamacpp", "stack", "stack-int8", "inprocess"]
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: 1,2 streams, few prompts, 16 tokens")
     p.add_argument(
         "--write",
@@ -507,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pagemesh-bench-") as logs:
         try:
             res |= run_all(a, model, Path(logs))
-        except (RuntimeError, OSError, httpx.HTTPError) as e:  # a server did not start or answer
+        except (RuntimeError, OSError, httpx.HTTPError, aiohttp.ClientError) as e:  # a server failed
             print(f"compare: {e}", file=sys.stderr)
             return 1
 

@@ -22,7 +22,7 @@ TORCH_LIBRARY(pagemesh, m) {
   m.def("add_rms_norm(Tensor(a!) residual, Tensor delta, Tensor weight, float eps) -> Tensor");
   // [T, 2I] gate|up -> bf16(silu(gate)) * up
   m.def("silu_mul(Tensor gate_up) -> Tensor");
-  // rotate q, k of qkv in place; k, v into the paged cache
+  // rotate q, k of qkv in place; k, v into the paged cache (bf16, or int8 rows: kv_int8.h)
   m.def("rope_and_cache(Tensor(a!) qkv, Tensor cos, Tensor sin, Tensor slots, Tensor(b!) k_cache, "
         "Tensor(c!) v_cache, int heads, int kv_heads) -> ()");
 }

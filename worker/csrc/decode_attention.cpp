@@ -1,14 +1,16 @@
 // Paged decode attention for the CPU: one query token per sequence, read straight from the paged
 // KV cache through the block table (no gathered copy of the context), softmax and sums in fp32.
 //
-// q [B, heads, D]; k_cache, v_cache [num_blocks, block_size, kv_heads, D]; block_tables [B, W]
-// int32; seq_lens [B] int32. Returns [B, heads, D] in q's dtype. One work item is a (sequence,
-// kv head) pair: its query heads (the GQA group) share every key and value row it loads.
+// q [B, heads, D]; k_cache, v_cache [num_blocks, block_size, kv_heads, D] in q's dtype, or int8
+// [..., D + 4] rows with inline scales (kv_int8.h); block_tables [B, W] int32; seq_lens [B] int32.
+// Returns [B, heads, D] in q's dtype. One work item is a (sequence, kv head) pair: its query heads
+// (the GQA group) share every key and value row it loads.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include "cpu_math.h"
+#include "kv_int8.h"
 
 #include <algorithm>
 #include <cmath>
@@ -38,6 +40,23 @@ inline void prefetch_block(const scalar_t* rows, int64_t count, int64_t token_st
   for (int64_t t = 0; t < count; ++t) {
     const char* row = reinterpret_cast<const char*>(rows + t * token_stride);
     for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b);
+  }
+}
+
+// exp(s - max) over each of the group's score rows [group, length], left unnormalized: the sums'
+// inverses go to inv_sum and scale the weighted values once at the end.
+inline void softmax_rows(float* scores, int64_t group, int64_t length, float* inv_sum) {
+  for (int64_t g = 0; g < group; ++g) {
+    float* sg = scores + g * length;
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < length; ++t) top = std::max(top, sg[t]);
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t t = 0; t < length; ++t) {
+      sg[t] = exp_approx(sg[t] - top);
+      sum += sg[t];
+    }
+    inv_sum[g] = 1.f / sum;
   }
 }
 
@@ -207,18 +226,7 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const
           }
         }
       }
-      for (int64_t g = 0; g < group; ++g) {  // softmax over t, left unnormalized until the end
-        float* sg = scores.data() + g * length;
-        float top = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < length; ++t) top = std::max(top, sg[t]);
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < length; ++t) {
-          sg[t] = exp_approx(sg[t] - top);
-          sum += sg[t];
-        }
-        inv_sum[g] = 1.f / sum;
-      }
+      softmax_rows(scores.data(), group, length, inv_sum.data());
       bool summed = false;  // acc[g] = sum_t p[g, t] v_t
 #if defined(__AVX512F__)
       summed = weighted_values_any(group, v_ptr, table, length, block_size, block_stride, token_stride, head_offset,
@@ -248,28 +256,206 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const
   }
 }
 
+// The same over an int8 cache: each key row's dot products with the group's queries, then its
+// scale; each value row weighted by p * its scale. Half the bytes of a bf16 cache are read, and
+// the int8 -> fp32 conversions vectorize from the plain loops.
+#if defined(__AVX512F__)
+inline __m512 load16_int8(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// scores[g * out_stride] = (q_g . k) * k's scale for one int8 key row; qf holds the group's
+// queries in fp32 (already times the softmax scale), kf is a dim-float scratch row; dim % 16 == 0.
+inline void score_row_int8(const float* qf, const int8_t* k, int64_t group, int64_t dim, float* kf,
+                           float* out, int64_t out_stride) {
+  const float k_scale = int8_row_scale(k, dim);
+  for (int64_t d = 0; d < dim; d += 16) _mm512_storeu_ps(kf + d, load16_int8(k + d));
+  for (int64_t g = 0; g < group; ++g) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t d = 0; d < dim; d += 16)
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(qf + g * dim + d), _mm512_loadu_ps(kf + d), acc);
+    out[g * out_stride] = _mm512_reduce_add_ps(acc) * k_scale;
+  }
+}
+
+// acc[g, :] = sum_t p[g, t] * scale_t * v_t over int8 value rows: weighted_values' loop with the
+// row's scale folded into its weights.
+template <int GROUP>
+void weighted_values_int8(const int8_t* v_ptr, const int32_t* table, int64_t length, int64_t block_size,
+                          int64_t block_stride, int64_t token_stride, int64_t head_offset, int64_t dim,
+                          const float* probs, float* acc) {
+  const int64_t num_blocks = (length + block_size - 1) / block_size;
+  for (int64_t c = 0; c < dim; c += 16) {
+    __m512 sum[GROUP];
+    for (int g = 0; g < GROUP; ++g) sum[g] = _mm512_setzero_ps();
+    for (int64_t block = 0; block < num_blocks; ++block) {
+      const int8_t* rows = v_ptr + table[block] * block_stride + head_offset;
+      const int64_t block_len = std::min(block_size, length - block * block_size);
+      if (c == 0 && block + 1 < num_blocks)
+        prefetch_block(v_ptr + table[block + 1] * block_stride + head_offset,
+                       std::min(block_size, length - (block + 1) * block_size), token_stride, dim + kInt8ScaleBytes);
+      const float* p = probs + block * block_size;
+      for (int64_t t = 0; t < block_len; ++t) {
+        const int8_t* row = rows + t * token_stride;
+        const float v_scale = int8_row_scale(row, dim);
+        const __m512 v = load16_int8(row + c);
+        for (int g = 0; g < GROUP; ++g)
+          sum[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * length + t] * v_scale), v, sum[g]);
+      }
+    }
+    for (int g = 0; g < GROUP; ++g) _mm512_storeu_ps(acc + g * dim + c, sum[g]);
+  }
+}
+
+bool weighted_values_int8_any(int64_t group, const int8_t* v_ptr, const int32_t* table, int64_t length,
+                              int64_t block_size, int64_t block_stride, int64_t token_stride,
+                              int64_t head_offset, int64_t dim, const float* probs, float* acc) {
+  if (dim % 16 != 0) return false;
+#define PAGEMESH_GROUP_CASE(G)                                                                           \
+  case G:                                                                                               \
+    weighted_values_int8<G>(v_ptr, table, length, block_size, block_stride, token_stride, head_offset, dim, \
+                            probs, acc);                                                                \
+    return true;
+  switch (group) {
+    PAGEMESH_GROUP_CASE(1)
+    PAGEMESH_GROUP_CASE(2)
+    PAGEMESH_GROUP_CASE(3)
+    PAGEMESH_GROUP_CASE(4)
+    PAGEMESH_GROUP_CASE(5)
+    PAGEMESH_GROUP_CASE(6)
+    PAGEMESH_GROUP_CASE(7)
+    PAGEMESH_GROUP_CASE(8)
+    default:
+      return false;
+  }
+#undef PAGEMESH_GROUP_CASE
+}
+#endif
+
+template <typename scalar_t>
+void decode_attention_int8_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
+                                at::Tensor& out) {
+  const int64_t num_seqs = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2), row_bytes = k_cache.size(3);
+  const int64_t group = heads / kv_heads;
+  const int64_t token_stride = kv_heads * row_bytes, block_stride = block_size * token_stride;
+  const int64_t table_stride = block_tables.stride(0);
+  const scalar_t* q_ptr = q.data_ptr<scalar_t>();
+  const int8_t* k_ptr = k_cache.data_ptr<int8_t>();
+  const int8_t* v_ptr = v_cache.data_ptr<int8_t>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  scalar_t* out_ptr = out.data_ptr<scalar_t>();
+  const float fscale = static_cast<float>(scale);
+
+  const int64_t items = num_seqs * kv_heads;
+  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), items));
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> qf(group * dim), acc(group * dim), row(dim), scores, inv_sum(group);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t seq = item / kv_heads, head = item % kv_heads;
+      const int64_t length = lens[seq];
+      const int32_t* table = tables + seq * table_stride;
+      const int64_t first_q = (seq * heads + head * group) * dim;
+      const int64_t head_offset = head * row_bytes;
+      const int64_t num_blocks = (length + block_size - 1) / block_size;
+      load_row(q_ptr + first_q, qf.data(), group * dim);
+      for (auto& x : qf) x *= fscale;
+      scores.resize(group * length);
+      for (int64_t block = 0; block < num_blocks; ++block) {  // scores[g, t] = q_g . k_t
+        const int8_t* base = k_ptr + table[block] * block_stride + head_offset;
+        const int64_t block_len = std::min(block_size, length - block * block_size);
+        if (block + 1 < num_blocks)
+          prefetch_block(k_ptr + table[block + 1] * block_stride + head_offset,
+                         std::min(block_size, length - (block + 1) * block_size), token_stride, row_bytes);
+#if defined(__AVX512F__)
+        if (dim % 16 == 0) {
+          for (int64_t t = 0; t < block_len; ++t)
+            score_row_int8(qf.data(), base + t * token_stride, group, dim, row.data(),
+                           scores.data() + block * block_size + t, length);
+          continue;
+        }
+#endif
+        for (int64_t t = 0; t < block_len; ++t) {
+          const int8_t* k = base + t * token_stride;
+          const float k_scale = int8_row_scale(k, dim);
+          for (int64_t g = 0; g < group; ++g) {
+            const float* qg = qf.data() + g * dim;
+            float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t d = 0; d < dim; ++d) dot += qg[d] * static_cast<float>(k[d]);
+            scores[g * length + block * block_size + t] = dot * k_scale;
+          }
+        }
+      }
+      softmax_rows(scores.data(), group, length, inv_sum.data());
+      bool summed = false;  // acc[g] = sum_t p[g, t] v_t
+#if defined(__AVX512F__)
+      summed = weighted_values_int8_any(group, v_ptr, table, length, block_size, block_stride, token_stride,
+                                        head_offset, dim, scores.data(), acc.data());
+#endif
+      if (!summed) std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t block = 0; !summed && block < num_blocks; ++block) {
+        const int8_t* base = v_ptr + table[block] * block_stride + head_offset;
+        const int64_t block_len = std::min(block_size, length - block * block_size);
+        if (block + 1 < num_blocks)
+          prefetch_block(v_ptr + table[block + 1] * block_stride + head_offset,
+                         std::min(block_size, length - (block + 1) * block_size), token_stride, row_bytes);
+        for (int64_t t = 0; t < block_len; ++t) {
+          const int8_t* v = base + t * token_stride;
+          const float v_scale = int8_row_scale(v, dim);
+          for (int64_t g = 0; g < group; ++g) {
+            const float p = scores[g * length + block * block_size + t] * v_scale;
+            float* ag = acc.data() + g * dim;
+#pragma omp simd
+            for (int64_t d = 0; d < dim; ++d) ag[d] += p * static_cast<float>(v[d]);
+          }
+        }
+      }
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t d = 0; d < dim; ++d)
+          out_ptr[first_q + g * dim + d] = static_cast<scalar_t>(acc[g * dim + d] * inv_sum[g]);
+    }
+  }
+}
+
 }  // namespace
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "bad shapes");
   TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "not contiguous");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
-              "q and the cache must share a dtype");
-  TORCH_CHECK(q.size(2) == k_cache.size(3) && q.size(1) % k_cache.size(2) == 0, "head shapes differ");
+  const bool int8_cache = k_cache.scalar_type() == at::kChar;
+  TORCH_CHECK((int8_cache || q.scalar_type() == k_cache.scalar_type()) &&
+                  v_cache.scalar_type() == k_cache.scalar_type(),
+              "the cache must be in q's dtype or int8");
+  const int64_t row = int8_cache ? q.size(2) + kInt8ScaleBytes : q.size(2);
+  TORCH_CHECK(row == k_cache.size(3) && q.size(1) % k_cache.size(2) == 0, "head shapes differ");
   TORCH_CHECK(block_tables.scalar_type() == at::kInt && seq_lens.scalar_type() == at::kInt, "int32 tables");
   TORCH_CHECK(block_tables.size(0) >= q.size(0) && block_tables.stride(1) == 1, "block table rows");
   TORCH_CHECK(seq_lens.is_contiguous() && seq_lens.size(0) >= q.size(0), "seq_lens");
   at::Tensor out = at::empty_like(q);
   switch (q.scalar_type()) {
     case at::kBFloat16:
-      decode_attention_impl<c10::BFloat16>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
+      if (int8_cache)
+        decode_attention_int8_impl<c10::BFloat16>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
+      else
+        decode_attention_impl<c10::BFloat16>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
       break;
     case at::kHalf:
-      decode_attention_impl<c10::Half>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
+      if (int8_cache)
+        decode_attention_int8_impl<c10::Half>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
+      else
+        decode_attention_impl<c10::Half>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
       break;
     case at::kFloat:
-      decode_attention_impl<float>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
+      if (int8_cache)
+        decode_attention_int8_impl<float>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
+      else
+        decode_attention_impl<float>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
       break;
     default:
       TORCH_CHECK(false, "decode_attention: bfloat16, float16 or float32, not ", q.scalar_type());

@@ -9,6 +9,7 @@
 #include <immintrin.h>
 
 #include "cpu_math.h"
+#include "kv_int8.h"
 
 #include <algorithm>
 #include <cmath>
@@ -159,9 +160,13 @@ void rope_and_cache(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& si
   TORCH_CHECK(dim % 2 == 0 && dim <= kMaxHeadDim, "rope_and_cache: head_dim must be even and <= 1024");
   TORCH_CHECK(qkv.size(1) == (heads + 2 * kv_heads) * dim && cos.size(0) == tokens && sin.sizes() == cos.sizes(),
               "rope_and_cache: shapes");
-  TORCH_CHECK(k_cache.scalar_type() == at::kBFloat16 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-                  k_cache.dim() == 4 && k_cache.size(2) == kv_heads && k_cache.size(3) == dim &&
-                  v_cache.sizes() == k_cache.sizes(),
+  // A bf16 cache row is the head; an int8 one is the quantized head and its scale (kv_int8.h).
+  const bool int8_cache = k_cache.scalar_type() == at::kChar;
+  const int64_t cache_row = int8_cache ? dim + kInt8ScaleBytes : dim;
+  TORCH_CHECK((int8_cache || k_cache.scalar_type() == at::kBFloat16) && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous() && k_cache.dim() == 4 && k_cache.size(2) == kv_heads &&
+                  k_cache.size(3) == cache_row && v_cache.sizes() == k_cache.sizes() &&
+                  v_cache.scalar_type() == k_cache.scalar_type(),
               "rope_and_cache: the cache");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == tokens, "rope_and_cache: int64 slots");
   const int64_t num_slots = k_cache.size(0) * k_cache.size(1), row = qkv.size(1), kv_row = kv_heads * dim;
@@ -169,7 +174,6 @@ void rope_and_cache(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& si
   for (int64_t t = 0; t < tokens; ++t) TORCH_CHECK(slot[t] >= 0 && slot[t] < num_slots, "rope_and_cache: slot");
   uint16_t* qp = bits_of(qkv);
   const uint16_t *cp = bits_of(cos), *sp = bits_of(sin);
-  uint16_t *kc = bits_of(k_cache), *vc = bits_of(v_cache);
   for_rows(tokens, row, [&](int64_t t) {
     const bf16* c = reinterpret_cast<const bf16*>(cp + t * dim);
     const bf16* s = reinterpret_cast<const bf16*>(sp + t * dim);
@@ -188,8 +192,20 @@ void rope_and_cache(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& si
                                 round_float(to_float(xb[d - half]) * to_float(s[d])));
       std::memcpy(x, rotated, dim * sizeof(uint16_t));
     }
-    std::memcpy(kc + slot[t] * kv_row, token + heads * dim, kv_row * sizeof(uint16_t));
-    std::memcpy(vc + slot[t] * kv_row, token + (heads + kv_heads) * dim, kv_row * sizeof(uint16_t));
+    const uint16_t *k = token + heads * dim, *v = k + kv_row;
+    if (!int8_cache) {
+      std::memcpy(bits_of(k_cache) + slot[t] * kv_row, k, kv_row * sizeof(uint16_t));
+      std::memcpy(bits_of(v_cache) + slot[t] * kv_row, v, kv_row * sizeof(uint16_t));
+      return;
+    }
+    int8_t* kc = k_cache.data_ptr<int8_t>() + slot[t] * kv_heads * cache_row;
+    int8_t* vc = v_cache.data_ptr<int8_t>() + slot[t] * kv_heads * cache_row;
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      const bf16* kh = reinterpret_cast<const bf16*>(k + h * dim);
+      const bf16* vh = reinterpret_cast<const bf16*>(v + h * dim);
+      quantize_row([&](int64_t d) { return to_float(kh[d]); }, dim, kc + h * cache_row);
+      quantize_row([&](int64_t d) { return to_float(vh[d]); }, dim, vc + h * cache_row);
+    }
   });
 }
 
