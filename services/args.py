@@ -40,6 +40,12 @@ def add_scheduler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=128, help="most requests running at once")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--async-scheduling",
+        action="store_true",
+        help="schedule and send each step while the worker computes the previous one (hides the "
+        "round trip; pays where the scheduler has a core of its own)",
+    )
     p.add_argument("--served-model-name", default=None, help="the model name clients use (default: dir name)")
     p.add_argument(
         "--max-waiting-requests",
@@ -91,6 +97,8 @@ def scheduler_argv(a: argparse.Namespace) -> list[str]:
         str(a.max_num_batched_tokens),
         "--enable-prefix-caching" if a.enable_prefix_caching else "--no-enable-prefix-caching",
     ]
+    if a.async_scheduling:
+        argv.append("--async-scheduling")
     if a.max_model_len is not None:
         argv += ["--max-model-len", str(a.max_model_len)]
     if a.served_model_name:

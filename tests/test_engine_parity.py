@@ -7,6 +7,8 @@ at a time, in float32: token ids must be identical.
 
 from __future__ import annotations
 
+from collections import deque
+
 import pytest
 import torch
 from tiny_models import build_tiny, build_tiny_llama, hf_greedy, random_prompts
@@ -73,7 +75,30 @@ def test_sliding_window_models_are_capped_to_the_window(tmp_path):
         LLM(str(path), dtype="float32", skip_tokenizer_init=True, max_model_len=256)
 
 
-def test_parity_holds_under_preemption(tmp_path):
+class InOrderWorker:
+    """The runner behind the remote worker's contract: steps submitted ahead of collecting run in
+    submission order, so EngineCore pipelines (schedules step N+1 before N's output is back)."""
+
+    def __init__(self, runner) -> None:  # type: ignore[no-untyped-def]
+        self.runner, self.submitted = runner, deque()
+
+    @property
+    def capacity(self):  # type: ignore[no-untyped-def]
+        return self.runner.capacity
+
+    def execute(self, step):  # type: ignore[no-untyped-def]
+        return self.runner.execute(step)
+
+    def submit(self, step) -> None:  # type: ignore[no-untyped-def]
+        self.submitted.append(step)
+        self.most_queued = max(getattr(self, "most_queued", 0), len(self.submitted))
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        return self.runner.execute(self.submitted.popleft())
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_parity_holds_under_preemption(tmp_path, pipelined):
     path = build_tiny_llama(tmp_path / "m", kv_heads=2)
     prompts = random_prompts(8, 512, seed=3)
     ref = hf_greedy(path, prompts, NEW)
@@ -82,18 +107,25 @@ def test_parity_holds_under_preemption(tmp_path):
     llm = LLM(
         str(path), dtype="float32", skip_tokenizer_init=True, kv_cache_memory=12 * 8192, max_model_len=192
     )
+    if pipelined:
+        llm.engine.executor = InOrderWorker(llm.runner)
+        llm.engine.scheduler.config.async_scheduling = True
     assert generate_ids(llm, prompts) == ref
     assert llm.engine.scheduler.num_preemptions > 0
     bm = llm.engine.scheduler.block_manager
     assert bm.num_free == bm.num_blocks
 
 
-def test_parity_holds_with_prefix_cache_hits(tmp_path):
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_parity_holds_with_prefix_cache_hits(tmp_path, pipelined):
     path = build_tiny_llama(tmp_path / "m", kv_heads=2)
     shared = random_prompts(1, 512, seed=5, min_len=70, max_len=70)[0]
     prompts = [shared + tail for tail in random_prompts(8, 512, seed=6, min_len=1, max_len=20)]
     ref = hf_greedy(path, prompts, NEW)
     llm = LLM(str(path), dtype="float32", skip_tokenizer_init=True)
+    if pipelined:
+        llm.engine.executor = InOrderWorker(llm.runner)
+        llm.engine.scheduler.config.async_scheduling = True
     first = generate_ids(llm, prompts[:1])  # warms the cache with the shared prefix
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
     assert first == ref[:1]
@@ -209,3 +241,30 @@ def test_default_model_bf16_departs_from_fp32_only_at_near_ties(default_model_di
     assert all(n >= 1 for n in _common_prefix(ours, hf_bf16))  # the first token: nearly identical logits
     assert all(0 <= g <= NEAR_TIE for g in hf_gaps)  # the bound holds for transformers' own bf16
     assert all(0 <= g <= NEAR_TIE for g in ours_gaps), ours_gaps
+
+
+def test_pipelined_engine_ends_requests_like_the_synchronous_one(tmp_path):
+    """Stop tokens, max_tokens and the length limit with a step always in flight: the same tokens
+    and finish reasons as one step at a time, nothing scheduled past max_tokens, every block back."""
+    path = build_tiny_llama(tmp_path / "m", kv_heads=2)
+    prompts = random_prompts(10, 512, seed=8)
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=1 + 7 * i, stop_token_ids=[5 + i, 17, 200 + i])
+        for i in range(10)
+    ]
+
+    def run(pipelined: bool) -> list[tuple[list[int], str | None]]:
+        llm = LLM(str(path), dtype="float32", skip_tokenizer_init=True, max_model_len=160)
+        if pipelined:
+            llm.engine.executor = InOrderWorker(llm.runner)
+            llm.engine.scheduler.config.async_scheduling = True
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        if pipelined:
+            assert llm.engine.executor.most_queued == 2  # a step was always sent ahead
+        bm = llm.engine.scheduler.block_manager
+        assert bm.num_free == bm.num_blocks and not llm.engine.has_unfinished()
+        return [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in outs]
+
+    synchronous, pipelined = run(False), run(True)
+    assert pipelined == synchronous
+    assert {reason for _, reason in synchronous} == {"stop", "length"}

@@ -157,3 +157,20 @@ def test_rejects_prompts_that_cannot_run():
     add(s, "ok", 5)
     with pytest.raises(ValueError, match="already in use"):
         add(s, "ok", 5)
+
+
+def test_next_step_is_scheduled_before_the_last_output_arrives():
+    """A remote worker gets step N+1 while N computes: the token N will sample is decoded in N+1
+    without the scheduler knowing it yet, and nothing is scheduled past max_tokens."""
+    s = make(budget=100)
+    a = add(s, "a", 6, max_tokens=2)
+    first = s.schedule()
+    assert first.num_scheduled_tokens == {"a": 6} and a.num_pending == 1
+    second = s.schedule()  # before first's output is back
+    assert second.num_scheduled_tokens == {"a": 1}
+    assert second.cached_requests[0].num_computed_tokens == 6  # where the worker's token 7 goes
+    assert s.schedule().num_scheduled_tokens == {}  # two tokens pending already make max_tokens
+    s.update(first, StepOutput(first.step_id, ["a"], [7], [None]))
+    assert a.token_ids[-1] == 7 and a.num_computed_tokens == 6 and a.num_pending == 1
+    events = s.update(second, StepOutput(second.step_id, ["a"], [8], [None]))
+    assert events[-1].finished and a.status == Status.FINISHED_LENGTH and a.output_token_ids == [7, 8]

@@ -62,6 +62,7 @@ async def serve(a: argparse.Namespace) -> None:
         max_num_batched_tokens=a.max_num_batched_tokens,
         max_model_len=a.max_model_len,
         enable_prefix_caching=a.enable_prefix_caching,
+        async_scheduling=a.async_scheduling,
     )
     print(f"scheduler: connecting to the worker at {a.worker} ...", flush=True)
     servicer.max_waiting_requests = a.max_waiting_requests

@@ -1,5 +1,6 @@
 """The scheduler's executor for a worker in another process: one long-lived bidirectional Step
-stream, one StepInput out and one StepOutput back per engine step."""
+stream, one StepInput out and one StepOutput back per engine step, in order. Steps can be
+submitted ahead of collecting (EngineCore pipelines one step)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,13 @@ class RemoteWorker:
         return self._capacity
 
     def execute(self, step: StepInput) -> StepOutput:
+        self.submit(step)
+        return self.collect()
+
+    def submit(self, step: StepInput) -> None:
         self._outbox.put(step_input_to_proto(step))
+
+    def collect(self) -> StepOutput:
         try:
             reply = next(self._responses)
         except (grpc.RpcError, StopIteration) as e:

@@ -35,6 +35,10 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of its full cached blocks
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    # Set by schedule(), settled by update(): more than one step's worth only when the engine
+    # schedules a step while the previous one still runs (a remote worker: EngineCore.step).
+    num_in_flight: int = 0  # tokens scheduled in steps whose output has not come back
+    num_pending: int = 0  # tokens those steps will sample, not known here yet
     num_sent_blocks: int = 0  # block ids the worker already knows
     num_cached_tokens: int = -1  # prefix-cache hit at first admission; -1 until admitted
     num_preemptions: int = 0

@@ -5,6 +5,13 @@ Each step: running requests first, in admission order, each getting the tokens i
 the most recently admitted running request is preempted (blocks freed, recomputed later).
 Then, if nothing was preempted, waiting requests are admitted in arrival order, reusing cached
 prefix blocks, until the budget, max_num_seqs or the free blocks run out.
+
+The next step may be scheduled before the previous one's output arrives (EngineCore with a
+remote worker): a request's tokens in flight (`num_in_flight`) count as computed and the tokens
+those steps will sample (`num_pending`) as known, so a decode is scheduled for a token only the
+worker has seen yet (the worker keeps each request's tokens). A request whose pending tokens
+reach its length limit is not scheduled again; one that ends on EOS or a stop token wastes one
+slot of the step after.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ class SchedulerConfig:
     max_model_len: int | None = None  # None: the worker's
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    async_scheduling: bool = False  # EngineCore: step N+1 sent while N computes (pipelined executors)
 
 
 @dataclass(slots=True)
@@ -99,7 +107,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self._release(req)
-        req.num_computed_tokens = 0
+        req.num_computed_tokens = req.num_in_flight = req.num_pending = 0  # in-flight output is dropped
         req.status = Status.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions += 1
@@ -112,7 +120,7 @@ class Scheduler:
         resumed = list(self.running)
         for req in reversed(resumed):
             self.block_manager.release(req)
-            req.num_computed_tokens = 0
+            req.num_computed_tokens = req.num_in_flight = req.num_pending = 0
             req.status = Status.PREEMPTED
             self.waiting.appendleft(req)
         self.running = []
@@ -136,8 +144,12 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not bm.can_grow(req, req.num_computed_tokens + n):
+            start = req.num_computed_tokens + req.num_in_flight
+            n = min(req.num_tokens + req.num_pending - start, budget)
+            if n <= 0 or self._ends_with_pending(req):
+                i += 1
+                continue
+            while not bm.can_grow(req, start + n):
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted = True
@@ -145,11 +157,11 @@ class Scheduler:
                     break
             if req.status == Status.PREEMPTED:
                 break
-            bm.grow(req, req.num_computed_tokens + n)
-            step.cached_requests.append(
-                CachedRequest(req.req_id, req.block_ids[req.num_sent_blocks :], req.num_computed_tokens)
-            )
+            bm.grow(req, start + n)
+            new_blocks = req.block_ids[req.num_sent_blocks :]
+            step.cached_requests.append(CachedRequest(req.req_id, new_blocks, start))
             req.num_sent_blocks = len(req.block_ids)
+            self._in_flight(req, start, n)
             step.num_scheduled_tokens[req.req_id] = n
             budget -= n
             i += 1
@@ -185,11 +197,28 @@ class Scheduler:
                 )
             )
             req.num_sent_blocks = len(req.block_ids)
+            self._in_flight(req, num_cached, n)
             step.num_scheduled_tokens[req.req_id] = n
             budget -= n
 
         step.dropped_req_ids, self.to_drop = self.to_drop, []
         return step
+
+    @staticmethod
+    def _in_flight(req: Request, start: int, n: int) -> None:
+        req.num_in_flight += n
+        if start + n == req.num_tokens + req.num_pending:  # the step reaches its end: it samples
+            req.num_pending += 1
+
+    def _ends_with_pending(self, req: Request) -> bool:
+        """The tokens in flight already take req to max_tokens or max_model_len (never true when
+        each step is updated before the next is scheduled)."""
+        if not req.num_pending:
+            return False
+        max_tokens = req.sampling.max_tokens
+        return (
+            max_tokens is not None and req.num_output_tokens + req.num_pending >= max_tokens
+        ) or req.num_tokens + req.num_pending >= self.max_model_len
 
     def update(self, step: StepInput, output: StepOutput) -> list[TokenEvent]:
         """Advance progress by what the step computed; append sampled tokens; finish requests."""
@@ -198,12 +227,14 @@ class Scheduler:
             if req is None or req.status != Status.RUNNING:
                 continue  # finished or preempted while the step ran
             req.num_computed_tokens += n
+            req.num_in_flight -= n
             self.block_manager.cache_computed_blocks(req)
         events = []
         for req_id, token, logprobs in zip(output.req_ids, output.token_ids, output.logprobs, strict=True):
             req = self.requests.get(req_id)
             if req is None or req.status != Status.RUNNING:
                 continue
+            req.num_pending -= 1
             req.token_ids.append(token)
             status = req.check_stop(token, self.max_model_len)
             if status is not None:
