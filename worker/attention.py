@@ -1,7 +1,7 @@
 """Paged attention, torch path (CPU, and the reference the Triton kernels are tested against).
 
 The KV cache of one layer is two tensors [num_blocks, block_size, kv_heads, head_dim] (in the
-model's dtype, or int8 rows of head_dim + 4 bytes with their scale: worker.kv_quant). New K/V are
+model's dtype, or int8 rows of head_dim + 2 bytes with their scale: worker.kv_quant). New K/V are
 scattered into it through a slot mapping (slot = block_id * block_size + offset); attention reads
 each sequence's context through its row of the block table.
 

@@ -2,7 +2,7 @@
 // KV cache through the block table (no gathered copy of the context), softmax and sums in fp32.
 //
 // q [B, heads, D]; k_cache, v_cache [num_blocks, block_size, kv_heads, D] in q's dtype, or int8
-// [..., D + 4] rows with inline scales (kv_int8.h); block_tables [B, W] int32; seq_lens [B] int32.
+// [..., D + 2] rows with inline scales (kv_int8.h); block_tables [B, W] int32; seq_lens [B] int32.
 // Returns [B, heads, D] in q's dtype. One work item is a (sequence, kv head) pair: its query heads
 // (the GQA group) share every key and value row it loads.
 #include <ATen/ATen.h>
@@ -278,8 +278,8 @@ inline void score_row_int8(const float* qf, const int8_t* k, int64_t group, int6
   }
 }
 
-// acc[g, :] = sum_t p[g, t] * scale_t * v_t over int8 value rows: weighted_values' loop with the
-// row's scale folded into its weights.
+// acc[g, :] = sum_t w[g, t] v_t over int8 value rows, w being p times each row's scale
+// (scale_value_weights): weighted_values' loop with an int8 load.
 template <int GROUP>
 void weighted_values_int8(const int8_t* v_ptr, const int32_t* table, int64_t length, int64_t block_size,
                           int64_t block_stride, int64_t token_stride, int64_t head_offset, int64_t dim,
@@ -294,13 +294,10 @@ void weighted_values_int8(const int8_t* v_ptr, const int32_t* table, int64_t len
       if (c == 0 && block + 1 < num_blocks)
         prefetch_block(v_ptr + table[block + 1] * block_stride + head_offset,
                        std::min(block_size, length - (block + 1) * block_size), token_stride, dim + kInt8ScaleBytes);
-      const float* p = probs + block * block_size;
+      const float* w = probs + block * block_size;
       for (int64_t t = 0; t < block_len; ++t) {
-        const int8_t* row = rows + t * token_stride;
-        const float v_scale = int8_row_scale(row, dim);
-        const __m512 v = load16_int8(row + c);
-        for (int g = 0; g < GROUP; ++g)
-          sum[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * length + t] * v_scale), v, sum[g]);
+        const __m512 v = load16_int8(rows + t * token_stride + c);
+        for (int g = 0; g < GROUP; ++g) sum[g] = _mm512_fmadd_ps(_mm512_set1_ps(w[g * length + t]), v, sum[g]);
       }
     }
     for (int g = 0; g < GROUP; ++g) _mm512_storeu_ps(acc + g * dim + c, sum[g]);
@@ -331,6 +328,19 @@ bool weighted_values_int8_any(int64_t group, const int8_t* v_ptr, const int32_t*
 #undef PAGEMESH_GROUP_CASE
 }
 #endif
+
+// p[g, t] *= the scale of value row t: each scale read once, not once per 16 lanes of the row.
+inline void scale_value_weights(float* probs, const int8_t* v_ptr, const int32_t* table, int64_t length,
+                                int64_t group, int64_t block_size, int64_t block_stride, int64_t token_stride,
+                                int64_t head_offset, int64_t dim) {
+  for (int64_t start = 0, block = 0; start < length; start += block_size, ++block) {
+    const int8_t* rows = v_ptr + table[block] * block_stride + head_offset;
+    for (int64_t t = start; t < std::min(length, start + block_size); ++t) {
+      const float scale = int8_row_scale(rows + (t - start) * token_stride, dim);
+      for (int64_t g = 0; g < group; ++g) probs[g * length + t] *= scale;
+    }
+  }
+}
 
 template <typename scalar_t>
 void decode_attention_int8_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -392,7 +402,9 @@ void decode_attention_int8_impl(const at::Tensor& q, const at::Tensor& k_cache, 
         }
       }
       softmax_rows(scores.data(), group, length, inv_sum.data());
-      bool summed = false;  // acc[g] = sum_t p[g, t] v_t
+      scale_value_weights(scores.data(), v_ptr, table, length, group, block_size, block_stride, token_stride,
+                          head_offset, dim);
+      bool summed = false;  // acc[g] = sum_t p[g, t] scale_t v_t
 #if defined(__AVX512F__)
       summed = weighted_values_int8_any(group, v_ptr, table, length, block_size, block_stride, token_stride,
                                         head_offset, dim, scores.data(), acc.data());
@@ -406,9 +418,8 @@ void decode_attention_int8_impl(const at::Tensor& q, const at::Tensor& k_cache, 
                          std::min(block_size, length - (block + 1) * block_size), token_stride, row_bytes);
         for (int64_t t = 0; t < block_len; ++t) {
           const int8_t* v = base + t * token_stride;
-          const float v_scale = int8_row_scale(v, dim);
           for (int64_t g = 0; g < group; ++g) {
-            const float p = scores[g * length + block * block_size + t] * v_scale;
+            const float p = scores[g * length + block * block_size + t];
             float* ag = acc.data() + g * dim;
 #pragma omp simd
             for (int64_t d = 0; d < dim; ++d) ag[d] += p * static_cast<float>(v[d]);
