@@ -311,9 +311,11 @@ async def benchmark(a: argparse.Namespace) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {a.api_key}"} if a.api_key else {}
     slos = parse_goodput(a.goodput)
     # No connection cap (limit=0): aiohttp's default pool (100) would queue requests inside the
-    # client and count that wait as TTFT. No proxy from the environment (trust_env stays False): it
-    # would distort latency.
-    connector = aiohttp.TCPConnector(limit=0)
+    # client and count that wait as TTFT. A connection per request (force_close): aiohttp does not
+    # retry a POST on a kept-alive connection the server has meanwhile closed, which llama-server
+    # does (a loopback connect is ~0.1 ms of TTFT). No proxy from the environment (trust_env stays
+    # False): it would distort latency.
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
     timeout = aiohttp.ClientTimeout(total=a.timeout)
     async with aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector) as client:
         model = a.model or await first_model(client, base_url)
