@@ -1,4 +1,4 @@
-// Scalar and AVX-512 helpers the CPU kernels share: bf16/fp16 loads as fp32 and a vectorizable exp.
+// Scalar and AVX-512 helpers the CPU kernels share: bf16/fp16/int8 loads as fp32 and a vectorizable exp.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -12,6 +12,7 @@
 namespace pagemesh {
 
 inline float to_float(float x) { return x; }
+inline float to_float(int8_t x) { return static_cast<float>(x); }
 inline float to_float(c10::Half x) { return static_cast<float>(x); }
 inline float to_float(c10::BFloat16 x) {
   // bf16 is the top half of an fp32: a shift the compiler vectorizes (c10's conversion it does not).
@@ -46,6 +47,9 @@ inline float exp_approx(float x) {
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 inline __m512 load16(const c10::BFloat16* p) {
   const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));

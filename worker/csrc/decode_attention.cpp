@@ -141,191 +141,22 @@ bool weighted_values_any(int64_t group, const scalar_t* v_ptr, const int32_t* ta
 }
 #endif
 
-template <typename scalar_t>
-void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                           const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
-                           at::Tensor& out) {
-  const int64_t num_seqs = q.size(0), heads = q.size(1), dim = q.size(2);
-  const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
-  const int64_t group = heads / kv_heads;
-  const int64_t token_stride = kv_heads * dim, block_stride = block_size * token_stride;
-  const int64_t table_stride = block_tables.stride(0);
-  const scalar_t* q_ptr = q.data_ptr<scalar_t>();
-  const scalar_t* k_ptr = k_cache.data_ptr<scalar_t>();
-  const scalar_t* v_ptr = v_cache.data_ptr<scalar_t>();
-  const int32_t* tables = block_tables.data_ptr<int32_t>();
-  const int32_t* lens = seq_lens.data_ptr<int32_t>();
-  scalar_t* out_ptr = out.data_ptr<scalar_t>();
-  const float fscale = static_cast<float>(scale);
-
-  // Items are handed out one at a time (dynamic schedule) rather than split in equal halves: when
-  // another process takes a core from one thread, the others carry on with the rest, and
-  // contexts of unequal length balance. Same OpenMP runtime and thread count as torch's.
-  const int64_t items = num_seqs * kv_heads;
-  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), items));
-#pragma omp parallel num_threads(threads)
-  {
-    // Keys of the generic path are scored a tile of kTile tokens at a time from a transposed fp32
-    // copy, so the inner loop runs across tokens (one vector) with no horizontal sum per dot.
-    std::vector<float> qf(group * dim), acc(group * dim), row(dim), keys_t(dim * kTile), scores;
-    std::vector<float> inv_sum(group);
-#if defined(__AVX512BF16__)
-    const bool bf16_rows = std::is_same_v<scalar_t, c10::BFloat16> && dim % 32 == 0;
-#else
-    const bool bf16_rows = false;
-#endif
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < items; ++item) {
-      const int64_t seq = item / kv_heads, head = item % kv_heads;
-      const int64_t length = lens[seq];
-      const int32_t* table = tables + seq * table_stride;
-      const int64_t first_q = (seq * heads + head * group) * dim;
-      const int64_t head_offset = head * dim;
-      const int64_t num_blocks = (length + block_size - 1) / block_size;
-      if (!bf16_rows) {  // the tile path scores with a scaled fp32 copy of the queries
-        load_row(q_ptr + first_q, qf.data(), group * dim);
-        for (auto& x : qf) x *= fscale;
-      }
-      scores.resize(group * length);
-
-      // Walk the context block by block: no division per token, one table read per block.
-      for (int64_t block = 0; block < num_blocks; ++block) {  // scores[g, t] = q_g . k_t
-        const scalar_t* base = k_ptr + table[block] * block_stride + head_offset;
-        const int64_t block_len = std::min(block_size, length - block * block_size);
-        if (block + 1 < num_blocks)
-          prefetch_block(k_ptr + table[block + 1] * block_stride + head_offset,
-                         std::min(block_size, length - (block + 1) * block_size), token_stride, dim);
-#if defined(__AVX512BF16__)
-        if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-          if (bf16_rows) {
-            for (int64_t t = 0; t < block_len; ++t)
-              score_row_bf16(q_ptr + first_q, base + t * token_stride, group, dim, fscale,
-                             scores.data() + block * block_size + t, length);
-            continue;
-          }
-        }
-#endif
-        for (int64_t start = 0; start < block_len; start += kTile) {
-          const int64_t n = std::min(kTile, block_len - start);
-          for (int64_t t = 0; t < n; ++t) {
-            const scalar_t* k = base + (start + t) * token_stride;
-            for (int64_t d = 0; d < dim; ++d) keys_t[d * kTile + t] = to_float(k[d]);
-          }
-          for (int64_t t = n; t < kTile; ++t)
-            for (int64_t d = 0; d < dim; ++d) keys_t[d * kTile + t] = 0.f;
-          for (int64_t g = 0; g < group; ++g) {
-            float tile[kTile] = {};
-            const float* qg = qf.data() + g * dim;
-            for (int64_t d = 0; d < dim; ++d) {
-              const float qd = qg[d];
-              const float* kd = keys_t.data() + d * kTile;
-#pragma omp simd
-              for (int64_t t = 0; t < kTile; ++t) tile[t] += qd * kd[t];
-            }
-            std::memcpy(scores.data() + g * length + block * block_size + start, tile, n * sizeof(float));
-          }
-        }
-      }
-      softmax_rows(scores.data(), group, length, inv_sum.data());
-      bool summed = false;  // acc[g] = sum_t p[g, t] v_t
+// An int8 cache (kv_int8.h) is read by the same walk: each key row's dot products with the
+// group's queries times its scale; the softmax weights times each value row's scale, then the
+// same weighted sum (load16 and to_float convert int8). Half the bytes of a bf16 cache.
 #if defined(__AVX512F__)
-      summed = weighted_values_any(group, v_ptr, table, length, block_size, block_stride, token_stride, head_offset,
-                                   dim, scores.data(), acc.data());
-#endif
-      if (!summed) {
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t block = 0; block < num_blocks; ++block) {
-          const scalar_t* base = v_ptr + table[block] * block_stride + head_offset;
-          const int64_t block_len = std::min(block_size, length - block * block_size);
-          for (int64_t t = 0; t < block_len; ++t) {
-            load_row(base + t * token_stride, row.data(), dim);
-            const int64_t pos = block * block_size + t;
-            for (int64_t g = 0; g < group; ++g) {
-              const float p = scores[g * length + pos];
-              float* ag = acc.data() + g * dim;
-#pragma omp simd
-              for (int64_t d = 0; d < dim; ++d) ag[d] += p * row[d];
-            }
-          }
-        }
-      }
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t d = 0; d < dim; ++d)
-          out_ptr[first_q + g * dim + d] = static_cast<scalar_t>(acc[g * dim + d] * inv_sum[g]);
-    }
-  }
-}
-
-// The same over an int8 cache: each key row's dot products with the group's queries, then its
-// scale; each value row weighted by p * its scale. Half the bytes of a bf16 cache are read, and
-// the int8 -> fp32 conversions vectorize from the plain loops.
-#if defined(__AVX512F__)
-inline __m512 load16_int8(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-
 // scores[g * out_stride] = (q_g . k) * k's scale for one int8 key row; qf holds the group's
 // queries in fp32 (already times the softmax scale), kf is a dim-float scratch row; dim % 16 == 0.
 inline void score_row_int8(const float* qf, const int8_t* k, int64_t group, int64_t dim, float* kf,
                            float* out, int64_t out_stride) {
   const float k_scale = int8_row_scale(k, dim);
-  for (int64_t d = 0; d < dim; d += 16) _mm512_storeu_ps(kf + d, load16_int8(k + d));
+  for (int64_t d = 0; d < dim; d += 16) _mm512_storeu_ps(kf + d, load16(k + d));
   for (int64_t g = 0; g < group; ++g) {
     __m512 acc = _mm512_setzero_ps();
     for (int64_t d = 0; d < dim; d += 16)
       acc = _mm512_fmadd_ps(_mm512_loadu_ps(qf + g * dim + d), _mm512_loadu_ps(kf + d), acc);
     out[g * out_stride] = _mm512_reduce_add_ps(acc) * k_scale;
   }
-}
-
-// acc[g, :] = sum_t w[g, t] v_t over int8 value rows, w being p times each row's scale
-// (scale_value_weights): weighted_values' loop with an int8 load.
-template <int GROUP>
-void weighted_values_int8(const int8_t* v_ptr, const int32_t* table, int64_t length, int64_t block_size,
-                          int64_t block_stride, int64_t token_stride, int64_t head_offset, int64_t dim,
-                          const float* probs, float* acc) {
-  const int64_t num_blocks = (length + block_size - 1) / block_size;
-  for (int64_t c = 0; c < dim; c += 16) {
-    __m512 sum[GROUP];
-    for (int g = 0; g < GROUP; ++g) sum[g] = _mm512_setzero_ps();
-    for (int64_t block = 0; block < num_blocks; ++block) {
-      const int8_t* rows = v_ptr + table[block] * block_stride + head_offset;
-      const int64_t block_len = std::min(block_size, length - block * block_size);
-      if (c == 0 && block + 1 < num_blocks)
-        prefetch_block(v_ptr + table[block + 1] * block_stride + head_offset,
-                       std::min(block_size, length - (block + 1) * block_size), token_stride, dim + kInt8ScaleBytes);
-      const float* w = probs + block * block_size;
-      for (int64_t t = 0; t < block_len; ++t) {
-        const __m512 v = load16_int8(rows + t * token_stride + c);
-        for (int g = 0; g < GROUP; ++g) sum[g] = _mm512_fmadd_ps(_mm512_set1_ps(w[g * length + t]), v, sum[g]);
-      }
-    }
-    for (int g = 0; g < GROUP; ++g) _mm512_storeu_ps(acc + g * dim + c, sum[g]);
-  }
-}
-
-bool weighted_values_int8_any(int64_t group, const int8_t* v_ptr, const int32_t* table, int64_t length,
-                              int64_t block_size, int64_t block_stride, int64_t token_stride,
-                              int64_t head_offset, int64_t dim, const float* probs, float* acc) {
-  if (dim % 16 != 0) return false;
-#define PAGEMESH_GROUP_CASE(G)                                                                           \
-  case G:                                                                                               \
-    weighted_values_int8<G>(v_ptr, table, length, block_size, block_stride, token_stride, head_offset, dim, \
-                            probs, acc);                                                                \
-    return true;
-  switch (group) {
-    PAGEMESH_GROUP_CASE(1)
-    PAGEMESH_GROUP_CASE(2)
-    PAGEMESH_GROUP_CASE(3)
-    PAGEMESH_GROUP_CASE(4)
-    PAGEMESH_GROUP_CASE(5)
-    PAGEMESH_GROUP_CASE(6)
-    PAGEMESH_GROUP_CASE(7)
-    PAGEMESH_GROUP_CASE(8)
-    default:
-      return false;
-  }
-#undef PAGEMESH_GROUP_CASE
 }
 #endif
 
@@ -342,87 +173,135 @@ inline void scale_value_weights(float* probs, const int8_t* v_ptr, const int32_t
   }
 }
 
-template <typename scalar_t>
-void decode_attention_int8_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
-                                at::Tensor& out) {
+// scalar_t: q's and the output's dtype; cache_t: the cache's, scalar_t or int8_t.
+template <typename scalar_t, typename cache_t>
+void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
+                           at::Tensor& out) {
+  constexpr bool int8_cache = std::is_same_v<cache_t, int8_t>;
   const int64_t num_seqs = q.size(0), heads = q.size(1), dim = q.size(2);
-  const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2), row_bytes = k_cache.size(3);
+  const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2), row = k_cache.size(3);
   const int64_t group = heads / kv_heads;
-  const int64_t token_stride = kv_heads * row_bytes, block_stride = block_size * token_stride;
+  const int64_t token_stride = kv_heads * row, block_stride = block_size * token_stride;
   const int64_t table_stride = block_tables.stride(0);
   const scalar_t* q_ptr = q.data_ptr<scalar_t>();
-  const int8_t* k_ptr = k_cache.data_ptr<int8_t>();
-  const int8_t* v_ptr = v_cache.data_ptr<int8_t>();
+  const cache_t* k_ptr = k_cache.data_ptr<cache_t>();
+  const cache_t* v_ptr = v_cache.data_ptr<cache_t>();
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   scalar_t* out_ptr = out.data_ptr<scalar_t>();
   const float fscale = static_cast<float>(scale);
 
+  // Items are handed out one at a time (dynamic schedule) rather than split in equal halves: when
+  // another process takes a core from one thread, the others carry on with the rest, and
+  // contexts of unequal length balance. Same OpenMP runtime and thread count as torch's.
   const int64_t items = num_seqs * kv_heads;
   const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), items));
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> qf(group * dim), acc(group * dim), row(dim), scores, inv_sum(group);
+    // Keys of the generic path are scored a tile of kTile tokens at a time from a transposed fp32
+    // copy, so the inner loop runs across tokens (one vector) with no horizontal sum per dot.
+    std::vector<float> qf(group * dim), acc(group * dim), values(dim), keys_t(dim * kTile), scores;
+    std::vector<float> inv_sum(group);
+#if defined(__AVX512BF16__)
+    const bool bf16_rows = std::is_same_v<cache_t, c10::BFloat16> && dim % 32 == 0;
+#else
+    const bool bf16_rows = false;
+#endif
+#if defined(__AVX512F__)
+    const bool int8_rows = int8_cache && dim % 16 == 0;
+#else
+    const bool int8_rows = false;
+#endif
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t seq = item / kv_heads, head = item % kv_heads;
       const int64_t length = lens[seq];
       const int32_t* table = tables + seq * table_stride;
       const int64_t first_q = (seq * heads + head * group) * dim;
-      const int64_t head_offset = head * row_bytes;
+      const int64_t head_offset = head * row;
       const int64_t num_blocks = (length + block_size - 1) / block_size;
-      load_row(q_ptr + first_q, qf.data(), group * dim);
-      for (auto& x : qf) x *= fscale;
+      if (!bf16_rows) {  // the other paths score with a scaled fp32 copy of the queries
+        load_row(q_ptr + first_q, qf.data(), group * dim);
+        for (auto& x : qf) x *= fscale;
+      }
       scores.resize(group * length);
+
+      // Walk the context block by block: no division per token, one table read per block.
       for (int64_t block = 0; block < num_blocks; ++block) {  // scores[g, t] = q_g . k_t
-        const int8_t* base = k_ptr + table[block] * block_stride + head_offset;
+        const cache_t* base = k_ptr + table[block] * block_stride + head_offset;
         const int64_t block_len = std::min(block_size, length - block * block_size);
         if (block + 1 < num_blocks)
           prefetch_block(k_ptr + table[block + 1] * block_stride + head_offset,
-                         std::min(block_size, length - (block + 1) * block_size), token_stride, row_bytes);
+                         std::min(block_size, length - (block + 1) * block_size), token_stride, row);
 #if defined(__AVX512F__)
-        if (dim % 16 == 0) {
-          for (int64_t t = 0; t < block_len; ++t)
-            score_row_int8(qf.data(), base + t * token_stride, group, dim, row.data(),
-                           scores.data() + block * block_size + t, length);
-          continue;
+        if constexpr (int8_cache) {
+          if (int8_rows) {
+            for (int64_t t = 0; t < block_len; ++t)
+              score_row_int8(qf.data(), base + t * token_stride, group, dim, values.data(),
+                             scores.data() + block * block_size + t, length);
+            continue;
+          }
         }
 #endif
-        for (int64_t t = 0; t < block_len; ++t) {
-          const int8_t* k = base + t * token_stride;
-          const float k_scale = int8_row_scale(k, dim);
+#if defined(__AVX512BF16__)
+        if constexpr (std::is_same_v<cache_t, c10::BFloat16>) {
+          if (bf16_rows) {
+            for (int64_t t = 0; t < block_len; ++t)
+              score_row_bf16(q_ptr + first_q, base + t * token_stride, group, dim, fscale,
+                             scores.data() + block * block_size + t, length);
+            continue;
+          }
+        }
+#endif
+        for (int64_t start = 0; start < block_len; start += kTile) {
+          const int64_t n = std::min(kTile, block_len - start);
+          float key_scale[kTile];
+          for (int64_t t = 0; t < n; ++t) {
+            const cache_t* k = base + (start + t) * token_stride;
+            for (int64_t d = 0; d < dim; ++d) keys_t[d * kTile + t] = to_float(k[d]);
+            if constexpr (int8_cache) key_scale[t] = int8_row_scale(k, dim);
+          }
+          for (int64_t t = n; t < kTile; ++t)
+            for (int64_t d = 0; d < dim; ++d) keys_t[d * kTile + t] = 0.f;
           for (int64_t g = 0; g < group; ++g) {
+            float tile[kTile] = {};
             const float* qg = qf.data() + g * dim;
-            float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t d = 0; d < dim; ++d) dot += qg[d] * static_cast<float>(k[d]);
-            scores[g * length + block * block_size + t] = dot * k_scale;
+            for (int64_t d = 0; d < dim; ++d) {
+              const float qd = qg[d];
+              const float* kd = keys_t.data() + d * kTile;
+#pragma omp simd
+              for (int64_t t = 0; t < kTile; ++t) tile[t] += qd * kd[t];
+            }
+            if constexpr (int8_cache)
+              for (int64_t t = 0; t < n; ++t) tile[t] *= key_scale[t];
+            std::memcpy(scores.data() + g * length + block * block_size + start, tile, n * sizeof(float));
           }
         }
       }
       softmax_rows(scores.data(), group, length, inv_sum.data());
-      scale_value_weights(scores.data(), v_ptr, table, length, group, block_size, block_stride, token_stride,
-                          head_offset, dim);
-      bool summed = false;  // acc[g] = sum_t p[g, t] scale_t v_t
+      if constexpr (int8_cache)
+        scale_value_weights(scores.data(), v_ptr, table, length, group, block_size, block_stride, token_stride,
+                            head_offset, dim);
+      bool summed = false;  // acc[g] = sum_t p[g, t] v_t (p times v_t's scale for int8)
 #if defined(__AVX512F__)
-      summed = weighted_values_int8_any(group, v_ptr, table, length, block_size, block_stride, token_stride,
-                                        head_offset, dim, scores.data(), acc.data());
+      summed = weighted_values_any(group, v_ptr, table, length, block_size, block_stride, token_stride, head_offset,
+                                   dim, scores.data(), acc.data());
 #endif
-      if (!summed) std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t block = 0; !summed && block < num_blocks; ++block) {
-        const int8_t* base = v_ptr + table[block] * block_stride + head_offset;
-        const int64_t block_len = std::min(block_size, length - block * block_size);
-        if (block + 1 < num_blocks)
-          prefetch_block(v_ptr + table[block + 1] * block_stride + head_offset,
-                         std::min(block_size, length - (block + 1) * block_size), token_stride, row_bytes);
-        for (int64_t t = 0; t < block_len; ++t) {
-          const int8_t* v = base + t * token_stride;
-          for (int64_t g = 0; g < group; ++g) {
-            const float p = scores[g * length + block * block_size + t];
-            float* ag = acc.data() + g * dim;
+      if (!summed) {
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t block = 0; block < num_blocks; ++block) {
+          const cache_t* base = v_ptr + table[block] * block_stride + head_offset;
+          const int64_t block_len = std::min(block_size, length - block * block_size);
+          for (int64_t t = 0; t < block_len; ++t) {
+            load_row(base + t * token_stride, values.data(), dim);
+            const int64_t pos = block * block_size + t;
+            for (int64_t g = 0; g < group; ++g) {
+              const float p = scores[g * length + pos];
+              float* ag = acc.data() + g * dim;
 #pragma omp simd
-            for (int64_t d = 0; d < dim; ++d) ag[d] += p * static_cast<float>(v[d]);
+              for (int64_t d = 0; d < dim; ++d) ag[d] += p * values[d];
+            }
           }
         }
       }
@@ -452,21 +331,21 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   switch (q.scalar_type()) {
     case at::kBFloat16:
       if (int8_cache)
-        decode_attention_int8_impl<c10::BFloat16>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
+        decode_attention_impl<c10::BFloat16, int8_t>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
       else
-        decode_attention_impl<c10::BFloat16>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
+        decode_attention_impl<c10::BFloat16, c10::BFloat16>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
       break;
     case at::kHalf:
       if (int8_cache)
-        decode_attention_int8_impl<c10::Half>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
+        decode_attention_impl<c10::Half, int8_t>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
       else
-        decode_attention_impl<c10::Half>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
+        decode_attention_impl<c10::Half, c10::Half>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
       break;
     case at::kFloat:
       if (int8_cache)
-        decode_attention_int8_impl<float>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
+        decode_attention_impl<float, int8_t>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
       else
-        decode_attention_impl<float>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
+        decode_attention_impl<float, float>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
       break;
     default:
       TORCH_CHECK(false, "decode_attention: bfloat16, float16 or float32, not ", q.scalar_type());
