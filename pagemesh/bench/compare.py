@@ -389,14 +389,16 @@ def render(res: dict[str, Any], a: argparse.Namespace, plot_note: str | None) ->
                 )
         if "inprocess" in off:
             ip = off["inprocess"]
-            out.append("")
+            out += [
+                "",
+                f"At {a.levels[-1]} streams against in-process LLM.generate (bf16 KV) on {ip['num_prompts']} "
+                "prompts at once (what HTTP, gRPC and separate tokenizer, scheduler and worker processes "
+                "cost):",
+                "",
+            ]
             for stack in stacks:
                 ratio = stack["levels"][-1]["output_throughput"] / ip["output_tok_per_s"]
-                out.append(
-                    f"{stack['engine']} at {a.levels[-1]} streams / in-process LLM.generate (bf16 KV) on "
-                    f"{ip['num_prompts']} prompts at once: {ratio:.2f} (what HTTP, gRPC and separate "
-                    "tokenizer, scheduler and worker processes cost).  "
-                )
+                out.append(f"- {stack['engine']}: {ratio:.2f}")
 
     rss = [s for s in servers.values() if s["peak_rss_mib"]]
     if rss:

@@ -6,12 +6,12 @@ the most recently admitted running request is preempted (blocks freed, recompute
 Then, if nothing was preempted, waiting requests are admitted in arrival order, reusing cached
 prefix blocks, until the budget, max_num_seqs or the free blocks run out.
 
-The next step may be scheduled before the previous one's output arrives (EngineCore with a
-remote worker): a request's tokens in flight (`num_in_flight`) count as computed and the tokens
-those steps will sample (`num_pending`) as known, so a decode is scheduled for a token only the
-worker has seen yet (the worker keeps each request's tokens). A request whose pending tokens
-reach its length limit is not scheduled again; one that ends on EOS or a stop token wastes one
-slot of the step after.
+The next step may be scheduled before the previous one's output arrives (`--async-scheduling`,
+EngineCore with a remote worker): a request's tokens in flight (`num_in_flight`) count as
+computed and the tokens those steps will sample (`num_pending`) as known, so a decode is
+scheduled for a token only the worker has seen yet (the worker keeps each request's tokens). A
+request whose pending tokens reach its length limit is not scheduled again; one that ends on EOS
+or a stop token wastes one slot of the step after.
 """
 
 from __future__ import annotations
