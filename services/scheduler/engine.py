@@ -94,18 +94,23 @@ class EngineCore:
         return self.scheduler.has_work() or self.in_flight is not None
 
     def step(self) -> list[TokenEvent]:
-        pipelined = self.scheduler.config.async_scheduling and isinstance(self.executor, PipelinedExecutor)
-        if not pipelined and self.in_flight is None:
-            step = self._schedule()
-            return [] if step is None else self._update(step, self.executor.execute(step))
+        executor = self.executor
+        if isinstance(executor, PipelinedExecutor) and (
+            self.scheduler.config.async_scheduling or self.in_flight is not None
+        ):
+            return self._pipelined_step(executor)
+        step = self._schedule()
+        return [] if step is None else self._update(step, executor.execute(step))
+
+    def _pipelined_step(self, executor: PipelinedExecutor) -> list[TokenEvent]:
         if self.in_flight is None:
-            self.in_flight = self._submit(self._schedule())
+            self.in_flight = self._submit(executor, self._schedule())
             if self.in_flight is None:
                 return []
-        ahead = self._submit(self._schedule())  # computes right after in_flight, no idle gap
+        ahead = self._submit(executor, self._schedule())  # computes right after in_flight, no idle gap
         step, self.in_flight = self.in_flight, ahead
         try:
-            output = self.executor.collect()
+            output = executor.collect()
         except BaseException:
             self.in_flight = None  # the worker is gone: requeue_all() takes the requests back
             raise
@@ -122,10 +127,10 @@ class EngineCore:
                 req.first_scheduled_time = now
         return step
 
-    def _submit(self, step: StepInput | None) -> StepInput | None:
+    @staticmethod
+    def _submit(executor: PipelinedExecutor, step: StepInput | None) -> StepInput | None:
         if step is not None:
-            assert isinstance(self.executor, PipelinedExecutor)
-            self.executor.submit(step)
+            executor.submit(step)
         return step
 
     def _update(self, step: StepInput, output: StepOutput) -> list[TokenEvent]:
