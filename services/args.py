@@ -42,9 +42,10 @@ def add_scheduler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument(
         "--async-scheduling",
-        action="store_true",
-        help="schedule and send each step while the worker computes the previous one (hides the "
-        "round trip; pays where the scheduler has a core of its own)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="schedule and send each step while the worker computes the previous one, hiding the "
+        "round trip (2-3%% more tok/s at 1-8 streams on a 2-core CPU, even at 32)",
     )
     p.add_argument("--served-model-name", default=None, help="the model name clients use (default: dir name)")
     p.add_argument(
@@ -97,8 +98,7 @@ def scheduler_argv(a: argparse.Namespace) -> list[str]:
         str(a.max_num_batched_tokens),
         "--enable-prefix-caching" if a.enable_prefix_caching else "--no-enable-prefix-caching",
     ]
-    if a.async_scheduling:
-        argv.append("--async-scheduling")
+    argv.append("--async-scheduling" if a.async_scheduling else "--no-async-scheduling")
     if a.max_model_len is not None:
         argv += ["--max-model-len", str(a.max_model_len)]
     if a.served_model_name:
