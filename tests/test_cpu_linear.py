@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from tiny_models import build_tiny_llama
 
 from pagemesh import LLM, SamplingParams
 from worker import loader
 from worker.cpu_linear import PackedLinear, packing_applies
+from worker.mapped_embedding import MappedEmbedding
 
 pytestmark = pytest.mark.skipif(
     not packing_applies(torch.bfloat16, "cpu"), reason="this CPU has no oneDNN bf16 support"
@@ -43,6 +45,14 @@ def test_packed_model_generates_the_unpacked_tokens(tmp_path, monkeypatch, tie, 
     layers = [m for m in packed.runner.model.modules() if isinstance(m, PackedLinear)]
     assert len(layers) == 2 * 4 + 1  # qkv, o, gate_up, down per layer, and the output projection
     assert all((m.bias is not None) == (attention_bias and i % 4 < 2) for i, m in enumerate(layers[:-1]))
+    embedding = packed.runner.model.embed_tokens
+    # Tied: the packed copy serves the logits and lookups read the checkpoint's table in place.
+    assert isinstance(embedding, MappedEmbedding) == tie
+    if tie:
+        assert not list(embedding.parameters())
+        table = load_file(path / "model.safetensors")["model.embed_tokens.weight"]
+        ids = torch.arange(0, table.shape[0], 7)
+        assert torch.equal(embedding(ids), table[ids].bfloat16())
     ours = packed.generate(prompts, params, use_tqdm=False)
 
     monkeypatch.setattr(loader, "packing_applies", lambda dtype, device: False)

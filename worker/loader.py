@@ -11,6 +11,7 @@ from safetensors import safe_open
 from torch import nn
 
 from worker.cpu_linear import PackedLinear, pack_linears, packing_applies
+from worker.mapped_embedding import MappedEmbedding, map_safetensor
 from worker.model_config import ModelConfig
 from worker.models.llama import LlamaForCausalLM, Rotary
 
@@ -26,6 +27,7 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, device: str, max_positions:
     model.rotary = Rotary(cfg, max_positions).to(device)  # computed buffers, not weights: rebuild off meta
     params = dict(model.named_parameters())
     loaded: set[str] = set()
+    embedding: tuple[Path, str] | None = None  # where the checkpoint keeps the embedding table
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
@@ -35,6 +37,8 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, device: str, max_positions:
                 if target not in params:
                     raise ValueError(f"model: unexpected weight {name!r} in {file.name}")
                 tensor = f.get_tensor(name)
+                if target == "embed_tokens.weight":
+                    embedding = (file, name)
                 param = params[target]
                 if shard is None:
                     param.data.copy_(tensor)
@@ -56,8 +60,11 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, device: str, max_positions:
     model = model.to(dtype).eval()  # casts the rotary tables like transformers does
     if packing_applies(dtype, device):
         pack_linears(model)
-        if model.lm_head is None:  # tied: the lookup keeps the plain table, logits get a packed copy
+        if model.lm_head is None:  # tied: logits get a packed copy, lookups read the checkpoint's table
             model.lm_head = PackedLinear(model.embed_tokens.weight, None)
+            table = map_safetensor(*embedding) if embedding else None
+            if table is not None and table.shape == model.embed_tokens.weight.shape:
+                model.embed_tokens = MappedEmbedding(table, dtype)  # type: ignore[assignment]
     return model
 
 
