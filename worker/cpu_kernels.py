@@ -9,10 +9,10 @@
   Together: a 32-sequence decode step 58 -> 37.5 ms, 1 sequence 27 -> 18 ms (2-core Xeon).
 
 The build uses torch's own toolchain helper (a C++ compiler and ninja) and lands under
-~/.cache/pagemesh/kernels/, keyed by the sources, the flags and the CPU (it is built with
--march=native). `python -m worker.cpu_kernels` builds it ahead of time (`make install` does). Where
-it cannot be built, the torch path runs and a warning says why; PAGEMESH_CPU_KERNELS=0 turns the
-kernels off (for A/B measurements).
+~/.cache/pagemesh/kernels/, keyed by the sources and their directory, the flags and the CPU (it
+is built with -march=native). `python -m worker.cpu_kernels` builds it ahead of time (`make
+install` does). Where it cannot be built, the torch path runs and a warning says why;
+PAGEMESH_CPU_KERNELS=0 turns the kernels off (for A/B measurements).
 """
 
 from __future__ import annotations
@@ -44,7 +44,10 @@ def _cpu_id() -> str:
 
 
 def _build_dir() -> tuple[str, Path]:
-    text = "".join(f.read_text() for f in sorted(CSRC.glob("*.[ch]*"))) + " ".join(CFLAGS) + _cpu_id()
+    # The source directory too: ninja rebuilds when a build directory's sources move, so two
+    # checkouts sharing one cache (a clone for CI beside the working tree) would take turns.
+    sources = "".join(f.read_text() for f in sorted(CSRC.glob("*.[ch]*")))
+    text = sources + " ".join(CFLAGS) + _cpu_id() + str(CSRC)
     key = hashlib.sha256(text.encode()).hexdigest()[:16]
     cache_root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return f"pagemesh_cpu_{key}", cache_root / "pagemesh" / "kernels" / key
