@@ -312,6 +312,17 @@ void decode_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const
   }
 }
 
+// The cache holds q's dtype or int8 rows.
+template <typename scalar_t>
+void decode_attention_for(bool int8_cache, const at::Tensor& q, const at::Tensor& k_cache,
+                          const at::Tensor& v_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                          double scale, at::Tensor& out) {
+  if (int8_cache)
+    decode_attention_impl<scalar_t, int8_t>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
+  else
+    decode_attention_impl<scalar_t, scalar_t>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
+}
+
 }  // namespace
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -330,22 +341,13 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   at::Tensor out = at::empty_like(q);
   switch (q.scalar_type()) {
     case at::kBFloat16:
-      if (int8_cache)
-        decode_attention_impl<c10::BFloat16, int8_t>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
-      else
-        decode_attention_impl<c10::BFloat16, c10::BFloat16>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
+      decode_attention_for<c10::BFloat16>(int8_cache, q, k_cache, v_cache, block_tables, seq_lens, scale, out);
       break;
     case at::kHalf:
-      if (int8_cache)
-        decode_attention_impl<c10::Half, int8_t>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
-      else
-        decode_attention_impl<c10::Half, c10::Half>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
+      decode_attention_for<c10::Half>(int8_cache, q, k_cache, v_cache, block_tables, seq_lens, scale, out);
       break;
     case at::kFloat:
-      if (int8_cache)
-        decode_attention_impl<float, int8_t>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
-      else
-        decode_attention_impl<float, float>(q, k_cache, v_cache, block_tables, seq_lens, scale, out);
+      decode_attention_for<float>(int8_cache, q, k_cache, v_cache, block_tables, seq_lens, scale, out);
       break;
     default:
       TORCH_CHECK(false, "decode_attention: bfloat16, float16 or float32, not ", q.scalar_type());

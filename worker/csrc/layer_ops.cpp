@@ -174,6 +174,9 @@ void rope_and_cache(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& si
   for (int64_t t = 0; t < tokens; ++t) TORCH_CHECK(slot[t] >= 0 && slot[t] < num_slots, "rope_and_cache: slot");
   uint16_t* qp = bits_of(qkv);
   const uint16_t *cp = bits_of(cos), *sp = bits_of(sin);
+  char* const k_base = static_cast<char*>(k_cache.data_ptr());
+  char* const v_base = static_cast<char*>(v_cache.data_ptr());
+  const int64_t slot_bytes = kv_heads * cache_row * k_cache.element_size();
   for_rows(tokens, row, [&](int64_t t) {
     const bf16* c = reinterpret_cast<const bf16*>(cp + t * dim);
     const bf16* s = reinterpret_cast<const bf16*>(sp + t * dim);
@@ -193,13 +196,15 @@ void rope_and_cache(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& si
       std::memcpy(x, rotated, dim * sizeof(uint16_t));
     }
     const uint16_t *k = token + heads * dim, *v = k + kv_row;
+    char* const k_slot = k_base + slot[t] * slot_bytes;
+    char* const v_slot = v_base + slot[t] * slot_bytes;
     if (!int8_cache) {
-      std::memcpy(bits_of(k_cache) + slot[t] * kv_row, k, kv_row * sizeof(uint16_t));
-      std::memcpy(bits_of(v_cache) + slot[t] * kv_row, v, kv_row * sizeof(uint16_t));
+      std::memcpy(k_slot, k, kv_row * sizeof(uint16_t));
+      std::memcpy(v_slot, v, kv_row * sizeof(uint16_t));
       return;
     }
-    int8_t* kc = k_cache.data_ptr<int8_t>() + slot[t] * kv_heads * cache_row;
-    int8_t* vc = v_cache.data_ptr<int8_t>() + slot[t] * kv_heads * cache_row;
+    int8_t* kc = reinterpret_cast<int8_t*>(k_slot);
+    int8_t* vc = reinterpret_cast<int8_t*>(v_slot);
     for (int64_t h = 0; h < kv_heads; ++h) {
       const bf16* kh = reinterpret_cast<const bf16*>(k + h * dim);
       const bf16* vh = reinterpret_cast<const bf16*>(v + h * dim);
