@@ -203,3 +203,57 @@ def test_launcher_restarts_a_killed_tokenizer_and_stops_cleanly(default_model_di
     time.sleep(0.5)
     alive = [pid for pid in children if Path(f"/proc/{pid}").exists()]
     assert alive == [], f"left behind: {alive}"
+
+
+def test_stream_interval_batches_tokens_and_changes_nothing_else(stack, default_model_dir, tmp_path):
+    """`--stream-interval 4`: the first token alone, then messages of 4 tokens and the rest at the
+    end; the tokens, text, logprobs, stop strings and usage are those of the default stack."""
+    batched = start_stack(
+        default_model_dir, tmp_path / "serve.log", "--dtype", "float32", "--stream-interval", "4"
+    )
+    try:
+        cases = [
+            dict(
+                text="Count from one to twenty:",
+                sampling=common_pb2.SamplingParams(temperature=0, max_tokens=23),
+            ),
+            dict(  # a stop string: found as soon as it is generated, not when the held tokens go out
+                chat=common_pb2.ChatInput(messages=FRANCE),
+                sampling=common_pb2.SamplingParams(temperature=0, max_tokens=40, stop=["Paris"]),
+            ),
+            dict(
+                text="The capital of France is",
+                sampling=common_pb2.SamplingParams(temperature=0, max_tokens=9, logprobs=2),
+            ),
+            dict(  # n > 1: every choice is held and sent on its own
+                text="Once upon a time",
+                sampling=common_pb2.SamplingParams(temperature=0.8, seed=3, n=2, max_tokens=10),
+            ),
+        ]
+        for fields in cases:
+            want = generate(inference(stack), **fields)[2]
+            got = generate(inference(batched), **fields)[2]
+            for index in {m.index for m in want[1:]}:
+                mine = [m for m in got[1:] if m.index == index]
+                theirs = [m for m in want[1:] if m.index == index]
+                assert "".join(m.text for m in mine) == "".join(m.text for m in theirs)
+                assert [t for m in mine for t in m.token_ids] == [t for m in theirs for t in m.token_ids]
+                assert [lp for m in mine for lp in m.logprobs] == [lp for m in theirs for lp in m.logprobs]
+                sizes = [len(m.token_ids) for m in mine]
+                assert sizes[0] == 1 and all(s == 4 for s in sizes[1:-1]) and 1 <= sizes[-1] <= 4, sizes
+            last_want, last_got = want[-1], got[-1]
+            # (cached_tokens differ: the shared stack has seen these prompts in other tests)
+            assert (
+                last_got.finish_reason,
+                last_got.stop_string,
+                last_got.usage.prompt_tokens,
+                last_got.usage.completion_tokens,
+            ) == (
+                last_want.finish_reason,
+                last_want.stop_string,
+                last_want.usage.prompt_tokens,
+                last_want.usage.completion_tokens,
+            )
+        assert len(got) < len(want)
+    finally:
+        stop_stack(batched)

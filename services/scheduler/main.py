@@ -66,6 +66,7 @@ async def serve(a: argparse.Namespace) -> None:
     )
     print(f"scheduler: connecting to the worker at {a.worker} ...", flush=True)
     servicer.max_waiting_requests = a.max_waiting_requests
+    servicer.stream_interval = a.stream_interval
     engine_loop = await asyncio.to_thread(
         EngineLoop, a.worker, config, servicer.publish, servicer.on_failure, a.worker_recovery_timeout
     )

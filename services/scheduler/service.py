@@ -2,9 +2,14 @@
 
 A Generate call tokenizes through the tokenizer service, queues its n child requests in the
 engine, and streams deltas. The engine thread publishes each step's tokens; one asyncio task
-sends them to the tokenizer service's DetokenizeStream (one batch per step, all requests) and
-routes the text to the callers, so detokenization and stop-string matching never hold up a step.
-A stop string found there ends the request through the engine's command queue.
+sends them to the tokenizer service's DetokenizeStream (one batch per step) and routes the text to
+the callers, so detokenization and stop-string matching never hold up a step. A stop string found
+there ends the request through the engine's command queue.
+
+With `--stream-interval N` a request's tokens are held until N of them are new (or it finishes);
+its first token goes out at once. Every message costs CPU in this process, the gateway and the
+client, which on a small machine the model's threads feel; requests without stop strings are not
+even detokenized until they are sent.
 """
 
 from __future__ import annotations
@@ -41,8 +46,17 @@ class Child:
     req_id: str
     index: int
     parent: Parent
-    num_tokens: int = 0
+    num_tokens: int = 0  # sent to the caller
     done: bool = False
+    watches_stops: bool = False  # has stop strings: detokenized every step, so a stop ends it at once
+    held: list[TokenRecord] = field(default_factory=list)  # made, not yet sent (--stream-interval)
+    held_text: list[str] = field(default_factory=list)  # text of held[:num_held_detokenized]
+    num_held_detokenized: int = 0
+
+    def due(self, interval: int) -> bool:
+        """Whether the held tokens go out after this step: the first token at once (time to first
+        token is what a stream is for), then every `interval` tokens, and whatever is left at the end."""
+        return self.num_tokens == 0 or len(self.held) >= interval or self.held[-1].finish_reason is not None
 
 
 @dataclass(slots=True)
@@ -73,6 +87,7 @@ class InferenceServicer(ObservabilityRPCs, inference_pb2_grpc.InferenceServicer)
         self.created = int(time.time())
         self.engine_loop: EngineLoop | None = None
         self.max_waiting_requests = 1024
+        self.stream_interval = 1
         self.parents: dict[str, Parent] = {}
         self.children: dict[str, Child] = {}
         self.pending_starts: list[tokenizer_pb2.DetokStart] = []
@@ -105,20 +120,29 @@ class InferenceServicer(ObservabilityRPCs, inference_pb2_grpc.InferenceServicer)
             while not self.records.empty():  # fell behind: fold the queued steps into one batch
                 step_id, more = self.records.get_nowait()
                 records += more
-            live = [r for r in records if r.req_id in self.children and not self.children[r.req_id].done]
-            if not live and not self.pending_releases:
+            stepped: dict[str, Child] = {}
+            for r in records:
+                child = self.children.get(r.req_id)
+                if child is not None and not child.done:
+                    child.held.append(r)
+                    stepped[r.req_id] = child
+            due = {req_id for req_id, c in stepped.items() if c.due(self.stream_interval)}
+            to_detok = [c for req_id, c in stepped.items() if req_id in due or c.watches_stops]
+            if not to_detok and not self.pending_releases:
                 continue
             if session is None:
                 session = self.tokenizer.detokenize_session()
-            tokens: dict[str, tokenizer_pb2.DetokTokens] = {}
-            for r in live:
-                entry = tokens.setdefault(r.req_id, tokenizer_pb2.DetokTokens(request_id=r.req_id))
-                entry.token_ids.append(r.token_id)
-                entry.finished = r.finish_reason is not None
             batch = tokenizer_pb2.DetokenizeBatch(
                 step_id=step_id,
                 start=self.pending_starts,
-                tokens=list(tokens.values()),
+                tokens=[
+                    tokenizer_pb2.DetokTokens(
+                        request_id=c.req_id,
+                        token_ids=[r.token_id for r in c.held[c.num_held_detokenized :]],
+                        finished=c.held[-1].finish_reason is not None,
+                    )
+                    for c in to_detok
+                ],
                 release=self.pending_releases,
             )
             self.pending_starts, self.pending_releases = [], []
@@ -131,14 +155,20 @@ class InferenceServicer(ObservabilityRPCs, inference_pb2_grpc.InferenceServicer)
                 self._fail(list(self.children), f"tokenizer service failed: {e}")
                 continue
             texts = {d.request_id: d for d in result.deltas}
-            pieces = await self._logprob_pieces(live)
-            by_child: dict[str, list[TokenRecord]] = {}
-            for r in live:
-                by_child.setdefault(r.req_id, []).append(r)
-            for req_id, recs in by_child.items():
-                child = self.children.get(req_id)
-                if child is not None and not child.done:  # its caller may have left during the awaits
-                    self._deliver(child, recs, texts.get(req_id), pieces)
+            sending: list[Child] = []
+            for c in to_detok:
+                delta = texts.get(c.req_id)
+                c.held_text.append(delta.text if delta is not None else "")
+                c.num_held_detokenized = len(c.held)
+                if c.req_id in due or (delta is not None and delta.HasField("stop_string")):
+                    sending.append(c)
+            pieces = await self._logprob_pieces([r for c in sending for r in c.held])
+            for c in sending:
+                if not c.done:  # its caller may have left during the awaits
+                    delta = texts.get(c.req_id)
+                    stop = delta.stop_string if delta is not None and delta.HasField("stop_string") else None
+                    self._deliver(c, c.held, "".join(c.held_text), stop, pieces)
+                c.held, c.held_text, c.num_held_detokenized = [], [], 0
 
     async def _logprob_pieces(self, records: list[TokenRecord]) -> dict[int, str]:
         ids = {r.token_id for r in records if r.logprobs is not None}
@@ -155,7 +185,8 @@ class InferenceServicer(ObservabilityRPCs, inference_pb2_grpc.InferenceServicer)
         self,
         child: Child,
         recs: list[TokenRecord],
-        delta: tokenizer_pb2.DetokDelta | None,
+        text: str,
+        stop_string: str | None,
         pieces: dict[int, str],
     ) -> None:
         parent = child.parent
@@ -165,7 +196,7 @@ class InferenceServicer(ObservabilityRPCs, inference_pb2_grpc.InferenceServicer)
             request_id=parent.request_id,
             index=child.index,
             token_ids=[r.token_id for r in recs],
-            text=delta.text if delta is not None else "",
+            text=text,
         )
         for r in recs:
             if r.logprobs is not None:
@@ -175,17 +206,17 @@ class InferenceServicer(ObservabilityRPCs, inference_pb2_grpc.InferenceServicer)
                     top.token = pieces.get(top.token_id, "")
                 msg.logprobs.append(lp)
         child.num_tokens += len(recs)
-        if delta is not None and delta.HasField("stop_string") and last.finish_reason is None:
+        if stop_string is not None and last.finish_reason is None:
             # Found after detokenization: end it in the engine; tokens it made since are dropped.
             assert self.engine_loop is not None
-            self.engine_loop.stop(child.req_id, delta.stop_string)
+            self.engine_loop.stop(child.req_id, stop_string)
             self.pending_releases.append(child.req_id)  # the tokenizer service forgets it with the next batch
             msg.finish_reason = inference_pb2.FINISH_REASON_STOP
-            msg.stop_string = delta.stop_string
+            msg.stop_string = stop_string
         elif last.finish_reason is not None:
             msg.finish_reason = FINISH[last.finish_reason]
-            if delta is not None and delta.HasField("stop_string"):
-                msg.stop_string = delta.stop_string
+            if stop_string is not None:
+                msg.stop_string = stop_string
             elif isinstance(last.stop_reason, int):
                 msg.stop_token_id = last.stop_reason
             elif isinstance(last.stop_reason, str):
@@ -254,7 +285,7 @@ class InferenceServicer(ObservabilityRPCs, inference_pb2_grpc.InferenceServicer)
         parent = Parent(request_id, asyncio.Queue(), len(ids))
         self.parents[request_id] = parent
         for k, (child_id, child_params) in enumerate(fan_out(request_id, params)):
-            child = Child(child_id, k, parent)
+            child = Child(child_id, k, parent, watches_stops=bool(params.stop))
             parent.children.append(child)
             self.children[child.req_id] = child
             self.pending_starts.append(
