@@ -3,9 +3,9 @@
 One after the other, so that no two share the (small, often shared) machine:
   (a) Hugging Face transformers `generate`, one request at a time, on a few prompts;
   (b) llama.cpp's llama-server on the default model's GGUF, when LLAMA_SERVER names the binary;
-  (c) pagemesh through the whole service stack (`pagemesh serve --dtype bfloat16`), with the
-      default KV cache (bf16) and again with `--kv-cache-dtype int8`, both holding llama-server's
-      number of KV tokens;
+  (c) pagemesh through the whole service stack (`pagemesh serve --dtype bfloat16`): with the
+      defaults, with `--kv-cache-dtype int8` and with `--stream-interval 8`, each holding
+      llama-server's number of KV tokens;
   (d) pagemesh in-process (`LLM.generate` on all prompts at once).
 The servers get the same streaming client (`pagemesh.bench.serve`) at each concurrency, closed loop.
 Results go to docs/benchmarks.md between the bench:serve markers (the rest of the file is kept),
@@ -47,7 +47,12 @@ START_MARKER = "<!-- bench:serve:start -->"
 END_MARKER = "<!-- bench:serve:end -->"
 LLAMA_CPP = "llama.cpp server"
 STACK = "pagemesh serve"
-STACK_INT8 = "pagemesh serve, int8 KV"
+# The service stack's runs: engine name, the --skip name, and the flags beside the defaults.
+STACK_RUNS = [
+    (STACK, "stack", []),
+    ("pagemesh serve, int8 KV", "stack-int8", ["--kv-cache-dtype", "int8"]),
+    ("pagemesh serve, --stream-interval 8", "stack-interval", ["--stream-interval", "8"]),
+]
 TOKENS_PER_SLOT = 1024  # llama-server's context per slot (prompt + output of one stream fit)
 
 
@@ -266,14 +271,15 @@ def run_all(a: argparse.Namespace, model: Path, logs: Path) -> dict[str, Any]:
         with llama_server(a.llama_server, gguf, llama_slots(a), logs / "llama-server.log") as (url, pids):
             res["servers"].append(asdict(sweep(LLAMA_CPP, url, pids, a)))
 
-    for engine, kv_dtype in ((STACK, "auto"), (STACK_INT8, "int8")):
-        if ("stack" if kv_dtype == "auto" else "stack-int8") in a.skip:
+    for engine, skip_name, flags in STACK_RUNS:
+        if skip_name in a.skip:
             continue
         print(f"\n(c) {engine} (all services) ...", flush=True)
-        extra = shlex.split(a.serve_args) + ["--kv-cache-dtype", kv_dtype]
+        extra = shlex.split(a.serve_args) + flags
         if "--kv-cache-memory" not in extra:  # the same KV capacity as llama-server's context
+            kv_dtype = extra[extra.index("--kv-cache-dtype") + 1] if "--kv-cache-dtype" in extra else "auto"
             extra += ["--kv-cache-memory", str(llama_kv_tokens(a) * kv_bytes_per_token(model, kv_dtype))]
-        with pagemesh_stack(model, logs / f"pagemesh-serve-{kv_dtype}.log", extra) as (url, pids):
+        with pagemesh_stack(model, logs / f"{skip_name}.log", extra) as (url, pids):
             res["servers"].append(asdict(sweep(engine, url, pids, a)))
 
     if "inprocess" not in a.skip:
@@ -351,7 +357,8 @@ def render(res: dict[str, Any], a: argparse.Namespace, plot_note: str | None) ->
         "int8`: int8 rows with a scale each); llama.cpp the package's Q4_1 GGUF, f16 KV, with `-t 2 -np "
         f"{llama_slots(a)} -c {llama_kv_tokens(a)} -cb`. All hold a KV cache of "
         f"{llama_kv_tokens(a)} tokens (pagemesh: `--kv-cache-memory` to match, unless `--serve-args` "
-        "sets it).",
+        "sets it). `--stream-interval 8`: a stream's tokens leave the scheduler 8 at a time (the first "
+        "at once), so the gateway and the client handle an eighth of the messages.",
     ]
     out += [f"- {n}" for n in res["notes"]]
     columns = ["engine", "requests", "output tok/s", "req/s", "TTFT p50", "TTFT p99", "TPOT mean"]
@@ -374,7 +381,7 @@ def render(res: dict[str, Any], a: argparse.Namespace, plot_note: str | None) ->
                 f"| {o['engine']} | {o['num_prompts']} | {fmt(o['seconds'])} | {fmt(o['output_tok_per_s'])} |"
             )
 
-    stacks = [s for name, s in servers.items() if name in (STACK, STACK_INT8)]
+    stacks = [servers[name] for name, _, _ in STACK_RUNS if name in servers]
     if stacks:
         out += ["", "### Ratios (output tok/s)", ""]
         out += ["| streams | engine | / llama.cpp | / HF sequential |", "|---|---|---|---|"]
@@ -478,9 +485,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER"), help="default: $LLAMA_SERVER")
     p.add_argument("--serve-args", default="", help="extra `pagemesh serve` flags, one string")
-    p.add_argument(
-        "--skip", nargs="*", default=[], choices=["hf", "llamacpp", "stack", "stack-int8", "inprocess"]
-    )
+    runs = ["hf", "llamacpp", *(skip for _, skip, _ in STACK_RUNS), "inprocess"]
+    p.add_argument("--skip", nargs="*", default=[], choices=runs)
     p.add_argument("--quick", action="store_true", help="smoke run: 1,2 streams, few prompts, 16 tokens")
     p.add_argument(
         "--write",
