@@ -116,7 +116,7 @@ class RequestObserver:
             t.first_token = t.first_token or now
             t.queue_seconds = records[0].queue_seconds
         else:
-            # Tokens folded into one delivery (a slow detokenizer) share the interval evenly.
+            # Tokens sent together (--stream-interval, or a detokenizer behind) share the interval evenly.
             for _ in records:
                 m.itl.observe((now - last) / len(records))
         t.last_token[index] = now
