@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from stack import descendants, start_stack, stop_stack, wait_until_idle
@@ -255,5 +256,29 @@ def test_stream_interval_batches_tokens_and_changes_nothing_else(stack, default_
                 last_want.usage.completion_tokens,
             )
         assert len(got) < len(want)
+
+        # Through the gateway: SSE chunks of several tokens, each with its tokens' logprobs.
+        def stream(s) -> list:
+            c = openai.OpenAI(base_url=s.http_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+            return list(
+                c.completions.create(
+                    model=s.model_dir.name,
+                    prompt="The capital of France is",
+                    max_tokens=9,
+                    temperature=0,
+                    logprobs=2,
+                    stream=True,
+                )
+            )
+
+        def per_chunk(chunks) -> list[list[str]]:
+            return [ch.choices[0].logprobs.tokens for ch in chunks if ch.choices[0].logprobs]
+
+        want_chunks, got_chunks = stream(stack), stream(batched)
+        assert [len(t) for t in per_chunk(want_chunks)] == [1] * 9
+        assert [len(t) for t in per_chunk(got_chunks)] == [1, 4, 4]
+        assert sum(per_chunk(got_chunks), []) == sum(per_chunk(want_chunks), [])
+        text = ["".join(ch.choices[0].text for ch in chunks) for chunks in (want_chunks, got_chunks)]
+        assert text[0] == text[1] and "Paris" in text[1]
     finally:
         stop_stack(batched)
