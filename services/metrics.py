@@ -81,34 +81,26 @@ class EngineMetrics:
             ["model_name", "finished_reason"],
             registry=registry,
         )
-        self.ttft = Histogram(
-            "vllm:time_to_first_token_seconds",
-            "Histogram of time to first token in seconds.",
-            m,
-            buckets=TTFT_BUCKETS,
-            registry=registry,
-        ).labels(model_name)
-        self.itl = Histogram(
-            "vllm:inter_token_latency_seconds",
-            "Histogram of inter-token latency in seconds.",
-            m,
-            buckets=ITL_BUCKETS,
-            registry=registry,
-        ).labels(model_name)
-        self.e2e = Histogram(
+
+        def histogram(name: str, doc: str, buckets: list[float]) -> Histogram:
+            return Histogram(name, doc, m, buckets=buckets, registry=registry).labels(model_name)
+
+        self.ttft = histogram(
+            "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS
+        )
+        self.itl = histogram(
+            "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", ITL_BUCKETS
+        )
+        self.e2e = histogram(
             "vllm:e2e_request_latency_seconds",
             "Histogram of end to end request latency in seconds.",
-            m,
-            buckets=REQUEST_BUCKETS,
-            registry=registry,
-        ).labels(model_name)
-        self.queue_time = Histogram(
+            REQUEST_BUCKETS,
+        )
+        self.queue_time = histogram(
             "vllm:request_queue_time_seconds",
             "Histogram of time spent in the waiting queue in seconds.",
-            m,
-            buckets=REQUEST_BUCKETS,
-            registry=registry,
-        ).labels(model_name)
+            REQUEST_BUCKETS,
+        )
 
     def finished(self, reason: str) -> None:
         self._success.labels(self.model_name, reason).inc()
