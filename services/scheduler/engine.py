@@ -94,14 +94,23 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or self.in_flight is not None
 
+    @property
+    def executor(self) -> Executor:
+        return self._executor
+
+    @executor.setter
+    def executor(self, executor: Executor) -> None:
+        # Worker recovery swaps the executor. The protocol check is made here, once per executor:
+        # isinstance against a runtime_checkable Protocol costs tens of microseconds.
+        self._executor = executor
+        self._pipelined = executor if isinstance(executor, PipelinedExecutor) else None
+
     def step(self) -> list[TokenEvent]:
-        executor = self.executor
-        if isinstance(executor, PipelinedExecutor) and (
-            self.scheduler.config.async_scheduling or self.in_flight is not None
-        ):
-            return self._pipelined_step(executor)
+        pipelined = self._pipelined
+        if pipelined is not None and (self.scheduler.config.async_scheduling or self.in_flight is not None):
+            return self._pipelined_step(pipelined)
         step = self._schedule()
-        return [] if step is None else self._update(step, executor.execute(step))
+        return [] if step is None else self._update(step, self._executor.execute(step))
 
     def _pipelined_step(self, executor: PipelinedExecutor) -> list[TokenEvent]:
         if self.in_flight is None:
