@@ -107,10 +107,14 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self._release(req)
-        req.num_computed_tokens = req.num_in_flight = req.num_pending = 0  # in-flight output is dropped
-        req.status = Status.PREEMPTED
+        self._requeue(req)
         req.num_preemptions += 1
         self.num_preemptions += 1
+
+    def _requeue(self, req: Request) -> None:
+        """Back to the front of the queue, to be recomputed; output of its steps in flight is dropped."""
+        req.num_computed_tokens = req.num_in_flight = req.num_pending = 0
+        req.status = Status.PREEMPTED
         self.waiting.appendleft(req)
 
     def requeue_all(self) -> list[Request]:
@@ -120,9 +124,7 @@ class Scheduler:
         resumed = list(self.running)
         for req in reversed(resumed):
             self.block_manager.release(req)
-            req.num_computed_tokens = req.num_in_flight = req.num_pending = 0
-            req.status = Status.PREEMPTED
-            self.waiting.appendleft(req)
+            self._requeue(req)
         self.running = []
         self.on_worker.clear()
         self.to_drop.clear()
