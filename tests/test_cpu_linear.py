@@ -11,7 +11,7 @@ from tiny_models import build_tiny_llama
 from pagemesh import LLM, SamplingParams
 from worker import loader
 from worker.cpu_linear import PackedLinear, packing_applies
-from worker.mapped_embedding import MappedEmbedding
+from worker.file_embedding import FileEmbedding
 
 pytestmark = pytest.mark.skipif(
     not packing_applies(torch.bfloat16, "cpu"), reason="this CPU has no oneDNN bf16 support"
@@ -46,13 +46,22 @@ def test_packed_model_generates_the_unpacked_tokens(tmp_path, monkeypatch, tie, 
     assert len(layers) == 2 * 4 + 1  # qkv, o, gate_up, down per layer, and the output projection
     assert all((m.bias is not None) == (attention_bias and i % 4 < 2) for i, m in enumerate(layers[:-1]))
     embedding = packed.runner.model.embed_tokens
-    # Tied: the packed copy serves the logits and lookups read the checkpoint's table in place.
-    assert isinstance(embedding, MappedEmbedding) == tie
+    # Tied: the packed copy serves the logits and lookups read the checkpoint's table from the file.
+    assert isinstance(embedding, FileEmbedding) == tie
     if tie:
         assert not list(embedding.parameters())
         table = load_file(path / "model.safetensors")["model.embed_tokens.weight"]
-        ids = torch.arange(0, table.shape[0], 7)
+        ids = torch.tensor([[0, 7, 7, table.shape[0] - 1], [3, 2, 1, 0]])
         assert torch.equal(embedding(ids), table[ids].bfloat16())
+        assert embedding(ids[0, :0]).shape == (0, table.shape[1])
+        for bad in (-1, table.shape[0]):
+            with pytest.raises(IndexError, match="out of range"):
+                embedding(torch.tensor([0, bad]))
+        with monkeypatch.context() as m:  # the Python loop used where the C++ kernels cannot be built
+            m.setattr(embedding, "kernels", None)
+            assert torch.equal(embedding(ids), table[ids].bfloat16())
+            with pytest.raises(IndexError, match="out of range"):
+                embedding(torch.tensor([table.shape[0]]))
     ours = packed.generate(prompts, params, use_tqdm=False)
 
     monkeypatch.setattr(loader, "packing_applies", lambda dtype, device: False)

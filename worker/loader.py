@@ -11,7 +11,7 @@ from safetensors import safe_open
 from torch import nn
 
 from worker.cpu_linear import PackedLinear, pack_linears, packing_applies
-from worker.mapped_embedding import MappedEmbedding, map_safetensor
+from worker.file_embedding import FileEmbedding
 from worker.model_config import ModelConfig
 from worker.models.llama import LlamaForCausalLM, Rotary
 
@@ -62,9 +62,9 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, device: str, max_positions:
         pack_linears(model)
         if model.lm_head is None:  # tied: logits get a packed copy, lookups read the checkpoint's table
             model.lm_head = PackedLinear(model.embed_tokens.weight, None)
-            table = map_safetensor(*embedding) if embedding else None
-            if table is not None and table.shape == model.embed_tokens.weight.shape:
-                model.embed_tokens = MappedEmbedding(table, dtype)  # type: ignore[assignment]
+            table = FileEmbedding.from_safetensors(*embedding, dtype) if embedding else None
+            if table is not None and table.shape == tuple(model.embed_tokens.weight.shape):
+                model.embed_tokens = table  # type: ignore[assignment]
     return model
 
 

@@ -10,6 +10,7 @@ at::Tensor add_rms_norm(at::Tensor& residual, const at::Tensor& delta, const at:
 at::Tensor silu_mul(const at::Tensor& gate_up);
 void rope_and_cache(at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slots,
                     at::Tensor& k_cache, at::Tensor& v_cache, int64_t heads, int64_t kv_heads);
+void read_rows(int64_t fd, int64_t offset, int64_t rows, const at::Tensor& ids, at::Tensor& out);
 }  // namespace pagemesh
 
 TORCH_LIBRARY(pagemesh, m) {
@@ -25,6 +26,8 @@ TORCH_LIBRARY(pagemesh, m) {
   // rotate q, k of qkv in place; k, v into the paged cache (bf16, or int8 rows: kv_int8.h)
   m.def("rope_and_cache(Tensor(a!) qkv, Tensor cos, Tensor sin, Tensor slots, Tensor(b!) k_cache, "
         "Tensor(c!) v_cache, int heads, int kv_heads) -> ()");
+  // out[i] = row ids[i] of a [rows, cols] table at byte offset of open file fd (read_rows.cpp)
+  m.def("read_rows(int fd, int offset, int rows, Tensor ids, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(pagemesh, CPU, m) {
@@ -33,4 +36,5 @@ TORCH_LIBRARY_IMPL(pagemesh, CPU, m) {
   m.impl("add_rms_norm", &pagemesh::add_rms_norm);
   m.impl("silu_mul", &pagemesh::silu_mul);
   m.impl("rope_and_cache", &pagemesh::rope_and_cache);
+  m.impl("read_rows", &pagemesh::read_rows);
 }

@@ -1,0 +1,69 @@
+"""A tied embedding table looked up straight from the checkpoint file (CPU, packed bf16 linears).
+
+With tied embeddings the loader packs a copy of the table for the output projection
+(worker.cpu_linear); the plain table is then needed only to look up a step's rows. Keeping it
+resident costs vocab x hidden x 2 bytes (SmolLM2: 54 MiB, Llama 3 8B's 128k vocab: 1 GiB) for a
+few rows a step, so each step reads its rows from the checkpoint file instead (pread, through the
+page cache, which is shared with other processes and reclaimable). Not through a mapping of the
+file: the kernel maps 64 KiB around each row faulted in, and 32 prompts of random words made 99 MiB
+of SmolLM2's 108 MiB fp32 table resident in the worker (worker/csrc/read_rows.cpp). Rows are cast
+to the model dtype as they are read, which gives the values of casting the whole table first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from worker import cpu_kernels
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+class FileEmbedding(nn.Module):
+    def __init__(
+        self, path: Path, offset: int, shape: tuple[int, int], file_dtype: torch.dtype, dtype: torch.dtype
+    ):
+        super().__init__()
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # held for the worker's lifetime
+        self.offset, self.shape, self.file_dtype, self.dtype = offset, shape, file_dtype, dtype
+        self.kernels = cpu_kernels.load()
+
+    @classmethod
+    def from_safetensors(cls, path: Path, name: str, dtype: torch.dtype) -> FileEmbedding | None:
+        """Tensor `name` of a .safetensors file, or None when it is not a 2-D float one we read."""
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            info = json.loads(f.read(header_len))[name]
+        file_dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+        if file_dtype is None or len(info["shape"]) != 2:
+            return None
+        rows, cols = info["shape"]
+        return cls(path, 8 + header_len + info["data_offsets"][0], (rows, cols), file_dtype, dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1).long()
+        out = torch.empty(flat.numel(), self.shape[1], dtype=self.file_dtype)
+        if self.kernels is not None:
+            self.kernels.read_rows(self.fd, self.offset, self.shape[0], flat, out)
+        else:
+            self._read_rows(flat, out)
+        return out.to(self.dtype).view(*ids.shape, self.shape[1])
+
+    def _read_rows(self, ids: torch.Tensor, out: torch.Tensor) -> None:
+        """read_rows.cpp's loop in Python, where the CPU kernels cannot be built."""
+        rows = out.view(torch.uint8).numpy()
+        row_bytes = rows.shape[1]
+        for i, index in enumerate(ids.tolist()):
+            if not 0 <= index < self.shape[0]:
+                raise IndexError(f"index {index} is out of range for {self.shape[0]} embedding rows")
+            os.preadv(self.fd, [rows[i]], self.offset + index * row_bytes)
+
+    def __del__(self) -> None:
+        if hasattr(self, "fd"):
+            os.close(self.fd)
