@@ -18,16 +18,19 @@ def build_tiny_llama(
     max_positions: int = 512,
     rope_scaling: dict | None = None,
     attention_bias: bool = False,
+    hidden: int = 64,
+    intermediate: int = 128,
+    heads: int = 4,
 ) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=layers,
-        num_attention_heads=4,
+        num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         max_position_embeddings=max_positions,
         tie_word_embeddings=tie,

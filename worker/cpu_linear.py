@@ -40,8 +40,10 @@ class PackedLinear(nn.Module):
 
 
 def pack_linears(model: nn.Module) -> None:
-    """Replace every nn.Linear in model with a PackedLinear; the plain weights are freed."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, name, PackedLinear(child.weight, child.bias))
+    """Replace every nn.Linear in model with a PackedLinear; each plain weight is freed as soon as
+    it is replaced (so nothing here may hold the Linear modules: loading would peak at both copies)."""
+    slots = [(m, name) for m in model.modules() for name, c in m.named_children() if isinstance(c, nn.Linear)]
+    for module, name in slots:
+        child = getattr(module, name)
+        setattr(module, name, PackedLinear(child.weight, child.bias))
+        del child

@@ -12,17 +12,14 @@ to the model dtype as they are read, which gives the values of casting the whole
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from worker import cpu_kernels
-
-SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+from worker.safetensors_file import SafetensorsFile
 
 
 class FileEmbedding(nn.Module):
@@ -36,15 +33,12 @@ class FileEmbedding(nn.Module):
 
     @classmethod
     def from_safetensors(cls, path: Path, name: str, dtype: torch.dtype) -> FileEmbedding | None:
-        """Tensor `name` of a .safetensors file, or None when it is not a 2-D float one we read."""
-        with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            info = json.loads(f.read(header_len))[name]
-        file_dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-        if file_dtype is None or len(info["shape"]) != 2:
+        """Tensor `name` of a .safetensors file, or None when it is not a 2-D floating-point one."""
+        checkpoint = SafetensorsFile.open(path)
+        shape, file_dtype = checkpoint.shape(name), checkpoint.dtype(name)
+        if len(shape) != 2 or not file_dtype.is_floating_point or file_dtype.itemsize == 1:
             return None
-        rows, cols = info["shape"]
-        return cls(path, 8 + header_len + info["data_offsets"][0], (rows, cols), file_dtype, dtype)
+        return cls(path, checkpoint.offset(name), (shape[0], shape[1]), file_dtype, dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1).long()

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from worker.cpu_linear import PackedLinear, pack_linears, packing_applies
 from worker.file_embedding import FileEmbedding
 from worker.model_config import ModelConfig
 from worker.models.llama import LlamaForCausalLM, Rotary
+from worker.safetensors_file import SafetensorsFile
 
 
 def load_model(cfg: ModelConfig, dtype: torch.dtype, device: str, max_positions: int) -> LlamaForCausalLM:
@@ -29,14 +30,16 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, device: str, max_positions:
     loaded: set[str] = set()
     embedding: tuple[Path, str] | None = None  # where the checkpoint keeps the embedding table
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():
+        checkpoint = SafetensorsFile.open(file)
+        fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for name in checkpoint.names():
                 target, shard = _target_name(model, name)
                 if target is None:
                     continue
                 if target not in params:
                     raise ValueError(f"model: unexpected weight {name!r} in {file.name}")
-                tensor = f.get_tensor(name)
+                tensor = checkpoint.read(fd, name)
                 if target == "embed_tokens.weight":
                     embedding = (file, name)
                 param = params[target]
@@ -47,13 +50,17 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, device: str, max_positions:
                     sizes = model.shard_sizes(fused)
                     start = sum(sizes[:index])
                     param.data[start : start + sizes[index]].copy_(tensor)
+                del tensor  # before the next one is read: one checkpoint tensor in memory at a time
                 loaded.add(f"{target}#{shard[1] if shard else ''}")
+        finally:
+            os.close(fd)
     expected = {f"{n}#" for n in params if "qkv_proj" not in n and "gate_up_proj" not in n}
     for n in params:
         if "qkv_proj" in n:
             expected |= {f"{n}#{i}" for i in range(3)}
         elif "gate_up_proj" in n:
             expected |= {f"{n}#{i}" for i in range(2)}
+    del params  # packing frees each plain weight as it replaces it: nothing else may hold them
     missing = expected - loaded
     if missing:
         raise ValueError(f"model: weights missing from checkpoint: {sorted(missing)[:5]}")

@@ -1,0 +1,109 @@
+"""Checkpoint reading (worker.safetensors_file) and what loading costs in memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_models import build_tiny_llama
+
+from worker.safetensors_file import SafetensorsFile
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_reads_every_tensor_as_safetensors_does(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(3, 5, generator=gen),
+        "bf16": torch.randn(7, generator=gen).bfloat16(),
+        "f16": torch.randn(2, 2, 2, generator=gen).half(),
+        "i64": torch.arange(-4, 4),
+        "i8": torch.arange(-8, 8, dtype=torch.int8).view(4, 4),
+        "bool": torch.tensor([True, False, True]),
+        "f8": torch.randn(4, generator=gen).to(torch.float8_e4m3fn),
+        "empty": torch.zeros(0, 3),
+        "scalar": torch.tensor(2.5),
+    }
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    expected = load_file(str(path))
+    checkpoint = SafetensorsFile.open(path)
+    assert sorted(checkpoint.names()) == sorted(tensors)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for name, want in expected.items():
+            got = checkpoint.read(fd, name)
+            assert got.dtype == want.dtype and got.shape == want.shape, name
+            assert torch.equal(got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)), name
+    finally:
+        os.close(fd)
+
+
+def test_truncated_file_and_unknown_dtype_are_clear_errors(tmp_path):
+    path = tmp_path / "t.safetensors"
+    save_file({"w": torch.randn(64, 64)}, str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[:-100])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(ValueError, match="ends inside tensor 'w'"):
+            SafetensorsFile.open(path).read(fd, "w")
+    finally:
+        os.close(fd)
+
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    header["w"]["dtype"] = "C64"
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + header_len :])
+    with pytest.raises(ValueError, match="dtype C64"):
+        SafetensorsFile.open(path).dtype("w")
+
+
+LOAD_PEAK = """
+import sys, torch
+from worker.loader import load_model
+from worker.model_config import ModelConfig
+
+def status(key):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
+
+load_model(ModelConfig.from_dir(sys.argv[1]), torch.bfloat16, "cpu", 512)  # torch's one-time setup
+cfg = ModelConfig.from_dir(sys.argv[2])
+open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
+before = status("VmRSS:")
+model = load_model(cfg, torch.bfloat16, "cpu", 512)
+print(status("VmHWM:") - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
+def test_loading_peaks_at_the_weights_plus_one_checkpoint_tensor(tmp_path):
+    # 136 MiB of fp32 in the file, 68 MiB of bf16 weights; the largest tensor is 16 MiB. Through
+    # safetensors' mapping the file's pages stayed resident until loading ended (~+136 MiB), and
+    # packing held every plain weight until all were packed (~+68 MiB).
+    tiny = build_tiny_llama(tmp_path / "tiny")
+    path = build_tiny_llama(
+        tmp_path / "m", tie=False, vocab=8192, hidden=512, intermediate=1536, layers=8, heads=8, kv_heads=8
+    )
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-c", LOAD_PEAK, str(tiny), str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    growth = int(out)
+    checkpoint = SafetensorsFile.open(path / "model.safetensors")
+    weights = sum(torch.Size(checkpoint.shape(n)).numel() * 2 for n in checkpoint.names())  # in bf16
+    largest = 8192 * 512 * 4
+    assert weights > 60 << 20
+    assert growth < weights + largest + (24 << 20), (growth >> 20, weights >> 20)
