@@ -34,16 +34,12 @@ def test_reads_every_tensor_as_safetensors_does(tmp_path):
     path = tmp_path / "t.safetensors"
     save_file(tensors, str(path), metadata={"format": "pt"})
     expected = load_file(str(path))
-    checkpoint = SafetensorsFile.open(path)
-    assert sorted(checkpoint.names()) == sorted(tensors)
-    fd = os.open(path, os.O_RDONLY)
-    try:
+    with SafetensorsFile.open(path) as checkpoint:
+        assert sorted(checkpoint.names()) == sorted(tensors)
         for name, want in expected.items():
-            got = checkpoint.read(fd, name)
+            got = checkpoint.read(name)
             assert got.dtype == want.dtype and got.shape == want.shape, name
             assert torch.equal(got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)), name
-    finally:
-        os.close(fd)
 
 
 def test_truncated_file_and_unknown_dtype_are_clear_errors(tmp_path):
@@ -51,20 +47,16 @@ def test_truncated_file_and_unknown_dtype_are_clear_errors(tmp_path):
     save_file({"w": torch.randn(64, 64)}, str(path))
     data = path.read_bytes()
     path.write_bytes(data[:-100])
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        with pytest.raises(ValueError, match="ends inside tensor 'w'"):
-            SafetensorsFile.open(path).read(fd, "w")
-    finally:
-        os.close(fd)
+    with SafetensorsFile.open(path) as checkpoint, pytest.raises(ValueError, match="ends inside tensor 'w'"):
+        checkpoint.read("w")
 
     header_len = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + header_len])
     header["w"]["dtype"] = "C64"
     raw = json.dumps(header).encode()
     path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + header_len :])
-    with pytest.raises(ValueError, match="dtype C64"):
-        SafetensorsFile.open(path).dtype("w")
+    with SafetensorsFile.open(path) as checkpoint, pytest.raises(ValueError, match="dtype C64"):
+        checkpoint.dtype("w")
 
 
 LOAD_PEAK = """
@@ -102,8 +94,8 @@ def test_loading_peaks_at_the_weights_plus_one_checkpoint_tensor(tmp_path):
         check=True,
     ).stdout
     growth = int(out)
-    checkpoint = SafetensorsFile.open(path / "model.safetensors")
-    weights = sum(torch.Size(checkpoint.shape(n)).numel() * 2 for n in checkpoint.names())  # in bf16
+    with SafetensorsFile.open(path / "model.safetensors") as checkpoint:
+        weights = sum(torch.Size(checkpoint.shape(n)).numel() * 2 for n in checkpoint.names())  # in bf16
     largest = 8192 * 512 * 4
     assert weights > 60 << 20
     assert growth < weights + largest + (24 << 20), (growth >> 20, weights >> 20)

@@ -5,7 +5,7 @@ With tied embeddings the loader packs a copy of the table for the output project
 resident costs vocab x hidden x 2 bytes (SmolLM2: 54 MiB, Llama 3 8B's 128k vocab: 1 GiB) for a
 few rows a step, so each step reads its rows from the checkpoint file instead (pread, through the
 page cache, which is shared with other processes and reclaimable). Not through a mapping of the
-file: the kernel maps 64 KiB around each row faulted in, and 32 prompts of random words made 99 MiB
+file: the kernel maps 64 KiB around each row faulted in, and 32 prompts of random token ids made 99 MiB
 of SmolLM2's 108 MiB fp32 table resident in the worker (worker/csrc/read_rows.cpp). Rows are cast
 to the model dtype as they are read, which gives the values of casting the whole table first.
 """
@@ -23,28 +23,29 @@ from worker.safetensors_file import SafetensorsFile
 
 
 class FileEmbedding(nn.Module):
-    def __init__(
-        self, path: Path, offset: int, shape: tuple[int, int], file_dtype: torch.dtype, dtype: torch.dtype
-    ):
+    def __init__(self, checkpoint: SafetensorsFile, name: str, dtype: torch.dtype) -> None:
         super().__init__()
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # held for the worker's lifetime
-        self.offset, self.shape, self.file_dtype, self.dtype = offset, shape, file_dtype, dtype
+        self.checkpoint = checkpoint  # kept open for the worker's lifetime
+        self.offset = checkpoint.offset(name)
+        rows, cols = checkpoint.shape(name)
+        self.shape, self.file_dtype, self.dtype = (rows, cols), checkpoint.dtype(name), dtype
         self.kernels = cpu_kernels.load()
 
     @classmethod
     def from_safetensors(cls, path: Path, name: str, dtype: torch.dtype) -> FileEmbedding | None:
         """Tensor `name` of a .safetensors file, or None when it is not a 2-D floating-point one."""
         checkpoint = SafetensorsFile.open(path)
-        shape, file_dtype = checkpoint.shape(name), checkpoint.dtype(name)
-        if len(shape) != 2 or not file_dtype.is_floating_point or file_dtype.itemsize == 1:
+        file_dtype = checkpoint.dtype(name)
+        if len(checkpoint.shape(name)) != 2 or not file_dtype.is_floating_point or file_dtype.itemsize == 1:
+            checkpoint.close()
             return None
-        return cls(path, checkpoint.offset(name), (shape[0], shape[1]), file_dtype, dtype)
+        return cls(checkpoint, name, dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1).long()
         out = torch.empty(flat.numel(), self.shape[1], dtype=self.file_dtype)
         if self.kernels is not None:
-            self.kernels.read_rows(self.fd, self.offset, self.shape[0], flat, out)
+            self.kernels.read_rows(self.checkpoint.fd, self.offset, self.shape[0], flat, out)
         else:
             self._read_rows(flat, out)
         return out.to(self.dtype).view(*ids.shape, self.shape[1])
@@ -56,8 +57,5 @@ class FileEmbedding(nn.Module):
         for i, index in enumerate(ids.tolist()):
             if not 0 <= index < self.shape[0]:
                 raise IndexError(f"index {index} is out of range for {self.shape[0]} embedding rows")
-            os.preadv(self.fd, [rows[i]], self.offset + index * row_bytes)
-
-    def __del__(self) -> None:
-        if hasattr(self, "fd"):
-            os.close(self.fd)
+            if os.preadv(self.checkpoint.fd, [rows[i]], self.offset + index * row_bytes) != row_bytes:
+                raise ValueError(f"{self.checkpoint.path.name} ends inside the embedding table")

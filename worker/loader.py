@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,16 +29,14 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, device: str, max_positions:
     loaded: set[str] = set()
     embedding: tuple[Path, str] | None = None  # where the checkpoint keeps the embedding table
     for file in files:
-        checkpoint = SafetensorsFile.open(file)
-        fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
-        try:
+        with SafetensorsFile.open(file) as checkpoint:
             for name in checkpoint.names():
                 target, shard = _target_name(model, name)
                 if target is None:
                     continue
                 if target not in params:
                     raise ValueError(f"model: unexpected weight {name!r} in {file.name}")
-                tensor = checkpoint.read(fd, name)
+                tensor = checkpoint.read(name)
                 if target == "embed_tokens.weight":
                     embedding = (file, name)
                 param = params[target]
@@ -52,8 +49,6 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, device: str, max_positions:
                     param.data[start : start + sizes[index]].copy_(tensor)
                 del tensor  # before the next one is read: one checkpoint tensor in memory at a time
                 loaded.add(f"{target}#{shard[1] if shard else ''}")
-        finally:
-            os.close(fd)
     expected = {f"{n}#" for n in params if "qkv_proj" not in n and "gate_up_proj" not in n}
     for n in params:
         if "qkv_proj" in n:

@@ -37,17 +37,38 @@ DTYPES = {
 
 @dataclass(slots=True)
 class SafetensorsFile:
+    """An open .safetensors file (a context manager: leaving it closes the file)."""
+
     path: Path
+    fd: int
     data_start: int  # byte offset of the data section
     entries: dict[str, dict[str, Any]]
 
     @classmethod
     def open(cls, path: Path) -> SafetensorsFile:
-        with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            (header_len,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+            header = json.loads(os.pread(fd, header_len, 8))
+        except BaseException:
+            os.close(fd)
+            raise
         header.pop("__metadata__", None)
-        return cls(path, 8 + header_len, header)
+        return cls(path, fd, 8 + header_len, header)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self) -> None:  # one kept for lookups (worker.file_embedding) closes with its model
+        self.close()
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def names(self) -> list[str]:
         return list(self.entries)
@@ -67,8 +88,8 @@ class SafetensorsFile:
         """Byte offset of the tensor's data in the file."""
         return self.data_start + self.entries[name]["data_offsets"][0]
 
-    def read(self, fd: int, name: str) -> torch.Tensor:
-        """The tensor, read from `fd` (this file, opened) into memory of its own."""
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor, read into memory of its own."""
         tensor = torch.empty(self.shape(name), dtype=self.dtype(name))
         start, end = self.entries[name]["data_offsets"]
         if end - start != tensor.numel() * tensor.element_size():
@@ -78,7 +99,7 @@ class SafetensorsFile:
         buffer = tensor.reshape(-1).view(torch.uint8).numpy().data  # a memoryview of its bytes
         done = 0
         while done < len(buffer):
-            n = os.preadv(fd, [buffer[done:]], self.data_start + start + done)
+            n = os.preadv(self.fd, [buffer[done:]], self.data_start + start + done)
             if n <= 0:
                 raise ValueError(f"model: {self.path.name} ends inside tensor {name!r}")
             done += n

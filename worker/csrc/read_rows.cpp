@@ -1,7 +1,7 @@
 // Rows of a table that stays in its checkpoint file, read with pread. Looking them up through a
 // mapping of the file instead makes the kernel map the 64 KiB around every row it faults in
 // (fault-around; madvise(MADV_RANDOM) does not stop it): SmolLM2's fp32 table, 108 MiB, was 99 MiB
-// resident after 32 prompts of random words. pread copies just the rows.
+// resident after 32 prompts of random token ids. pread copies just the rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
