@@ -63,6 +63,9 @@ class Run:
     engine: str
     levels: list[dict[str, Any]] = field(default_factory=list)  # bench serve summaries
     peak_rss_mib: dict[str, float] = field(default_factory=dict)  # during the highest level
+    life_peak_rss_mib: dict[str, float] = field(
+        default_factory=dict
+    )  # loading included: what a limit must allow
     note: str = ""
 
 
@@ -204,8 +207,10 @@ def sweep(engine: str, url: str, pids: dict[str, int], a: argparse.Namespace) ->
     run = Run(engine)
     for i, c in enumerate(a.levels):
         last = i == len(a.levels) - 1
-        if last and not reset_peak_rss(pids):
-            run.note = "peak RSS is over the processes' whole life (clear_refs not writable)"
+        if last:
+            before = peak_rss_mib(pids)  # loading, warm-up and the lower levels
+            if not reset_peak_rss(pids):
+                run.note = "peak RSS is over the processes' whole life (clear_refs not writable)"
         n = a.num_prompts_per_level or max(a.min_prompts, 2 * c)
         args = serve.parse_args(
             [
@@ -223,8 +228,10 @@ def sweep(engine: str, url: str, pids: dict[str, int], a: argparse.Namespace) ->
         run.levels.append(summary)
         if last:
             run.peak_rss_mib = peak_rss_mib(pids)
-    if run.peak_rss_mib:
-        run.peak_rss_mib["total"] = sum(run.peak_rss_mib.values())
+            run.life_peak_rss_mib = {p: max(mib, before.get(p, 0.0)) for p, mib in run.peak_rss_mib.items()}
+    for peaks in (run.peak_rss_mib, run.life_peak_rss_mib):
+        if peaks:
+            peaks["total"] = sum(peaks.values())
     return run
 
 
@@ -409,10 +416,17 @@ def render(res: dict[str, Any], a: argparse.Namespace, plot_note: str | None) ->
 
     rss = [s for s in servers.values() if s["peak_rss_mib"]]
     if rss:
-        out += ["", f"### Peak RSS during the {a.levels[-1]}-stream run (VmHWM)", ""]
-        out += ["| engine | process | MiB |", "|---|---|---|"]
+        out += [
+            "",
+            f"### Peak RSS (VmHWM), MiB: during the {a.levels[-1]}-stream run, and over each process's life",
+            "",
+        ]
+        out += ["| engine | process | run | life |", "|---|---|---|---|"]
         for s in rss:
-            out += [f"| {s['engine']} | {p} | {mib:.0f} |" for p, mib in s["peak_rss_mib"].items()]
+            life = s["life_peak_rss_mib"]
+            out += [
+                f"| {s['engine']} | {p} | {mib:.0f} | {life[p]:.0f} |" for p, mib in s["peak_rss_mib"].items()
+            ]
             if s["note"]:
                 out += ["", f"{s['engine']}: {s['note']}.", ""]
     out += ["", plot_note or "![output tok/s against concurrency](bench_concurrency.png)", END_MARKER]
