@@ -63,9 +63,8 @@ class Run:
     engine: str
     levels: list[dict[str, Any]] = field(default_factory=list)  # bench serve summaries
     peak_rss_mib: dict[str, float] = field(default_factory=dict)  # during the highest level
-    life_peak_rss_mib: dict[str, float] = field(
-        default_factory=dict
-    )  # loading included: what a limit must allow
+    # over each process's life, loading included: what a container's memory limit must allow
+    life_peak_rss_mib: dict[str, float] = field(default_factory=dict)
     note: str = ""
 
 
