@@ -99,3 +99,24 @@ def test_loading_peaks_at_the_weights_plus_one_checkpoint_tensor(tmp_path):
     largest = 8192 * 512 * 4
     assert weights > 60 << 20
     assert growth < weights + largest + (24 << 20), (growth >> 20, weights >> 20)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_sharded_checkpoint_generates_what_the_whole_one_does(tmp_path, tie):
+    from transformers import AutoModelForCausalLM
+
+    from pagemesh import LLM, SamplingParams
+
+    whole = build_tiny_llama(tmp_path / "whole", tie=tie)
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(whole).save_pretrained(sharded, max_shard_size="40KB")
+    assert len(list(sharded.glob("*.safetensors"))) > 3
+    prompts = [{"prompt_token_ids": [1, *range(5 + i, 30 + 2 * i)]} for i in range(3)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
+    outputs = [
+        LLM(str(path), dtype="bfloat16", skip_tokenizer_init=True).generate(prompts, params, use_tqdm=False)
+        for path in (whole, sharded)
+    ]
+    for a, b in zip(*outputs, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].logprobs == b.outputs[0].logprobs
