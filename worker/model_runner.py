@@ -26,7 +26,7 @@ from worker.attention_backend import (
     resolve_attention_backend,
     with_decode_kernel,
 )
-from worker.cpu_memory import keep_freed_memory, release_freed_memory
+from worker.cpu_memory import bound_onednn_caches, keep_freed_memory, release_freed_memory
 from worker.cuda_graph import DecodeGraphs, pad_decode_batch
 from worker.loader import load_model
 from worker.model_config import ModelConfig, resolve_dtype
@@ -89,6 +89,8 @@ class ModelRunner:
         if self.kv_cache_dtype == torch.int8 and (device != "cpu" or attention_backend == "triton"):
             raise ValueError("kv_cache_dtype int8 runs on the CPU's torch attention backend only")
         self.attention_backend = resolve_attention_backend(attention_backend, device)
+        if device == "cpu":
+            bound_onednn_caches()  # before loading: packing the linears creates the first primitives
         self.model = load_model(self.cfg, self.dtype, device, self.max_model_len)
         self.num_blocks = kv_cache.num_blocks_for(
             self.cfg, block_size, self.kv_cache_dtype, device, kv_cache_memory, gpu_memory_utilization
