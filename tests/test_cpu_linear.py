@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from fresh_python import run_python
 from safetensors.torch import load_file
 from tiny_models import build_tiny_llama
 
@@ -87,16 +85,14 @@ import os, sys, torch
 from worker.cpu_linear import PackedLinear
 from worker.model_runner import ModelRunner
 
-def rss():
-    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) * 1024
-
 runner = ModelRunner(sys.argv[1], dtype="bfloat16", kv_cache_memory=1 << 20, max_model_len=256)
 gate_up = next(m for m in runner.model.modules() if isinstance(m, PackedLinear) and m.packed.shape[0] == 3072)
 gate_up(torch.randn(1, 512).bfloat16())
-before = rss()
+before = status("VmRSS:")
 for m in range(1, 201):  # a step's token count changes nearly every step under real traffic
     gate_up(torch.randn(m, 512).bfloat16())
-print(rss() - before, os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"], os.environ["LRU_CACHE_CAPACITY"])
+caps = os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"], os.environ["LRU_CACHE_CAPACITY"]
+print(status("VmRSS:") - before, *caps)
 """
 
 
@@ -105,14 +101,7 @@ def test_onednn_keeps_a_bounded_number_of_shapes(tmp_path):
     # Each cached oneDNN primitive holds ~M x N x 2 bytes; with torch's and oneDNN's default
     # capacities (1024 each) these 200 shapes kept 162 MiB, with 32 each 63 (worker.cpu_memory).
     path = build_tiny_llama(tmp_path / "m", vocab=1024, hidden=512, intermediate=1536, heads=8, kv_heads=8)
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
-    }
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
-    out = subprocess.run(
-        [sys.executable, "-c", SHAPES, str(path)], env=env, capture_output=True, text=True, check=True
-    ).stdout.split()
+    caches = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+    out = run_python(SHAPES, str(path), drop_env=caches).split()
     assert out[1:] == ["32", "32"]
     assert int(out[0]) < 100 << 20, int(out[0]) >> 20

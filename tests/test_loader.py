@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from fresh_python import run_python
 from safetensors.torch import load_file, save_file
 from tiny_models import build_tiny_llama
 
 from worker.safetensors_file import SafetensorsFile
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_reads_every_tensor_as_safetensors_does(tmp_path):
@@ -64,9 +60,6 @@ import sys, torch
 from worker.loader import load_model
 from worker.model_config import ModelConfig
 
-def status(key):
-    return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
-
 load_model(ModelConfig.from_dir(sys.argv[1]), torch.bfloat16, "cpu", 512)  # torch's one-time setup
 cfg = ModelConfig.from_dir(sys.argv[2])
 open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
@@ -85,14 +78,7 @@ def test_loading_peaks_at_the_weights_plus_one_checkpoint_tensor(tmp_path):
     path = build_tiny_llama(
         tmp_path / "m", tie=False, vocab=8192, hidden=512, intermediate=1536, layers=8, heads=8, kv_heads=8
     )
-    env = os.environ | {"PYTHONPATH": str(ROOT)}
-    out = subprocess.run(
-        [sys.executable, "-c", LOAD_PEAK, str(tiny), str(path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    out = run_python(LOAD_PEAK, str(tiny), str(path))
     growth = int(out)
     with SafetensorsFile.open(path / "model.safetensors") as checkpoint:
         weights = sum(torch.Size(checkpoint.shape(n)).numel() * 2 for n in checkpoint.names())  # in bf16
