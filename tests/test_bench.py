@@ -62,3 +62,35 @@ def test_shared_prefix_prompts_share_exactly_the_prefix():
     assert all(p.tokens == 15 and len(w) == 15 for p, w in zip(prompts, words, strict=True))
     assert words[0][:5] == words[1][:5] == words[2][:5]
     assert len({tuple(w[5:]) for w in words}) == 3
+
+
+def test_compare_runs_every_engine_and_reports_cpu_and_memory(tmp_path):
+    """`make bench` in miniature: HF, one service stack and in-process, with its report written."""
+    from pagemesh.bench import compare
+
+    docs, out = tmp_path / "benchmarks.md", tmp_path / "compare.json"
+    docs.write_text("# Benchmarks\n\nhand-written text that must survive\n")
+    skip = ["--skip", "llamacpp", "stack-int8", "stack-interval"]
+    assert compare.main(["--quick", *skip, "--write", "--docs", str(docs), "--json-out", str(out)]) == 0
+
+    res = json.loads(out.read_text())
+    (stack,) = res["servers"]
+    assert stack["engine"] == compare.STACK and [lv["max_concurrency"] for lv in stack["levels"]] == [1, 2]
+    assert all(lv["errors"] == 0 and lv["total_output_tokens"] > 0 for lv in stack["levels"])
+    assert {o["id"] for o in res["offline"]} == {"hf", "inprocess"}
+    assert all(o["output_tok_per_s"] > 0 for o in res["offline"])
+
+    services = {"launcher", "tokenizer", "worker", "scheduler", "gateway"}
+    assert set(stack["peak_rss_mib"]) == services | {"total"}
+    assert all(stack["life_peak_rss_mib"][p] >= stack["peak_rss_mib"][p] > 0 for p in services)
+    cpu = stack["cpu_seconds"]
+    assert set(cpu) == services | {"client"}
+    # The timed requests ran the model in the worker and streamed through the client.
+    assert cpu["worker"] > 0 and cpu["client"] > 0 and all(s >= 0 for s in cpu.values())
+
+    text = docs.read_text()
+    assert text.startswith("# Benchmarks\n\nhand-written text that must survive\n")
+    assert compare.START_MARKER in text and compare.END_MARKER in text
+    assert "### CPU during the 2-stream run" in text and "| pagemesh serve | all but the worker |" in text
+    assert f"- {compare.STACK}: " in text  # the stack against in-process
+    assert (tmp_path / "bench_concurrency.png").exists()

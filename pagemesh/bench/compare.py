@@ -65,6 +65,9 @@ class Run:
     peak_rss_mib: dict[str, float] = field(default_factory=dict)  # during the highest level
     # over each process's life, loading included: what a container's memory limit must allow
     life_peak_rss_mib: dict[str, float] = field(default_factory=dict)
+    # CPU-seconds of each process (and of the benchmark client) over the highest level's timed
+    # requests: on a machine the worker shares, what every other process takes from it
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
     note: str = ""
 
 
@@ -98,6 +101,37 @@ def peak_rss_mib(pids: dict[str, int]) -> dict[str, float]:
                 if line.startswith("VmHWM:"):
                     peaks[name] = int(line.split()[1]) / 1024
     return peaks
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far (/proc/PID/stat), None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+@dataclass(slots=True)
+class CpuMeter:
+    """CPU-seconds the server's processes and this one (the benchmark client) spend between
+    start() and stop()."""
+
+    pids: dict[str, int]
+    seconds: dict[str, float] = field(default_factory=dict)
+    started: dict[str, float] = field(default_factory=dict)
+
+    def read(self) -> dict[str, float]:
+        now = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        return {name: s for name, s in now.items() if s is not None} | {"client": time.process_time()}
+
+    def start(self) -> None:
+        self.started = self.read()
+
+    def stop(self) -> None:
+        now = self.read()
+        self.seconds = {name: now[name] - s for name, s in self.started.items() if name in now}
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 30.0) -> None:
@@ -221,13 +255,15 @@ def sweep(engine: str, url: str, pids: dict[str, int], a: argparse.Namespace) ->
                 "--seed", str(a.seed),
             ]
         )  # fmt: skip
-        summary = asyncio.run(serve.benchmark(args))
+        meter = CpuMeter(pids) if last else None
+        summary = asyncio.run(serve.benchmark(args, meter))
         summary.pop("requests")
         print(f"\n{engine}, {c} streams:\n{serve.report(summary)}", flush=True)
         run.levels.append(summary)
         if last:
             run.peak_rss_mib = peak_rss_mib(pids)
             run.life_peak_rss_mib = {p: max(mib, before.get(p, 0.0)) for p, mib in run.peak_rss_mib.items()}
+            run.cpu_seconds = meter.seconds if meter else {}
     for peaks in (run.peak_rss_mib, run.life_peak_rss_mib):
         if peaks:
             peaks["total"] = sum(peaks.values())
@@ -428,8 +464,29 @@ def render(res: dict[str, Any], a: argparse.Namespace, plot_note: str | None) ->
             ]
             if s["note"]:
                 out += ["", f"{s['engine']}: {s['note']}.", ""]
+    out += cpu_table(servers.values(), a.levels[-1], res["machine"]["cores"])
     out += ["", plot_note or "![output tok/s against concurrency](bench_concurrency.png)", END_MARKER]
     return "\n".join(out)
+
+
+def cpu_table(servers: Any, streams: int, cores: int) -> list[str]:
+    """Each process's CPU over the highest level's timed requests, the client's included: where the
+    worker shares the machine, the other processes' seconds are taken from its steps."""
+    runs = [s for s in servers if s["cpu_seconds"]]
+    if not runs:
+        return []
+    out = ["", f"### CPU during the {streams}-stream run (the client is `pagemesh bench serve`)", ""]
+    out += ["| engine | process | CPU s | us per output token | % of the machine |", "|---|---|---|---|---|"]
+    for s in runs:
+        level = s["levels"][-1]
+        rows = dict(s["cpu_seconds"])
+        if "worker" in rows:
+            rows["all but the worker"] = sum(sec for p, sec in rows.items() if p != "worker")
+        for p, sec in rows.items():
+            per_token = sec / level["total_output_tokens"] * 1e6 if level["total_output_tokens"] else None
+            share = 100 * sec / (level["duration_s"] * cores)
+            out.append(f"| {s['engine']} | {p} | {sec:.2f} | {fmt(per_token, 0)} | {share:.1f} |")
+    return out
 
 
 def plot(res: dict[str, Any], levels: list[int], path: Path) -> str | None:

@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -305,7 +305,15 @@ async def first_model(client: aiohttp.ClientSession, base_url: str) -> str:
         return str((await r.json())["data"][0]["id"])
 
 
-async def benchmark(a: argparse.Namespace) -> dict[str, Any]:
+class Meter(Protocol):
+    """Something to start and stop around the timed requests only (not prompts, not warm-ups)."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+async def benchmark(a: argparse.Namespace, meter: Meter | None = None) -> dict[str, Any]:
     """Run one benchmark as parsed by `parser()`; returns the summary (also what --json-out holds)."""
     base_url = a.base_url.rstrip("/")
     headers = {"Authorization": f"Bearer {a.api_key}"} if a.api_key else {}
@@ -355,6 +363,8 @@ async def benchmark(a: argparse.Namespace) -> dict[str, Any]:
             async with limit:
                 return await send_request(client, url, body(prompts[i], a.output_len), prompts[i])
 
+        if meter:
+            meter.start()
         start = time.perf_counter()
         tasks = [
             asyncio.create_task(one(i))
@@ -362,6 +372,8 @@ async def benchmark(a: argparse.Namespace) -> dict[str, Any]:
         ]
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
+        if meter:
+            meter.stop()
 
     summary = {
         "base_url": base_url,
