@@ -8,6 +8,8 @@ One after the other, so that no two share the (small, often shared) machine:
       llama-server's number of KV tokens;
   (d) pagemesh in-process (`LLM.generate` on all prompts at once).
 The servers get the same streaming client (`pagemesh.bench.serve`) at each concurrency, closed loop.
+At the highest concurrency every server process's peak memory and CPU-seconds are recorded, the
+client's CPU too: on a small machine what the other processes take is what the worker loses.
 Results go to docs/benchmarks.md between the bench:serve markers (the rest of the file is kept),
 with a plot of output tok/s against concurrency. Ratios matter more than absolute numbers: run it
 on a quiet machine.
