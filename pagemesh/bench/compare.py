@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -105,7 +105,7 @@ def peak_rss_mib(pids: dict[str, int]) -> dict[str, float]:
     return peaks
 
 
-def cpu_seconds(pid: int) -> float | None:
+def process_cpu_seconds(pid: int) -> float | None:
     """User + system CPU time of a process so far (/proc/PID/stat), None once it is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -125,7 +125,7 @@ class CpuMeter:
     started: dict[str, float] = field(default_factory=dict)
 
     def read(self) -> dict[str, float]:
-        now = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        now = {name: process_cpu_seconds(pid) for name, pid in self.pids.items()}
         return {name: s for name, s in now.items() if s is not None} | {"client": time.process_time()}
 
     def start(self) -> None:
@@ -471,7 +471,7 @@ def render(res: dict[str, Any], a: argparse.Namespace, plot_note: str | None) ->
     return "\n".join(out)
 
 
-def cpu_table(servers: Any, streams: int, cores: int) -> list[str]:
+def cpu_table(servers: Iterable[dict[str, Any]], streams: int, cores: int) -> list[str]:
     """Each process's CPU over the highest level's timed requests, the client's included: where the
     worker shares the machine, the other processes' seconds are taken from its steps."""
     runs = [s for s in servers if s["cpu_seconds"]]
