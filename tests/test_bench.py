@@ -79,6 +79,9 @@ def test_compare_runs_every_engine_and_reports_cpu_and_memory(tmp_path):
     assert all(lv["errors"] == 0 and lv["total_output_tokens"] > 0 for lv in stack["levels"])
     assert {o["id"] for o in res["offline"]} == {"hf", "inprocess"}
     assert all(o["output_tok_per_s"] > 0 for o in res["offline"])
+    # In-process runs the stack's highest level as one batch: as many prompts, 2 at a time.
+    (inprocess,) = (o for o in res["offline"] if o["id"] == "inprocess")
+    assert inprocess["num_prompts"] == stack["levels"][-1]["num_prompts"] == 4
 
     services = {"launcher", "tokenizer", "worker", "scheduler", "gateway"}
     assert set(stack["peak_rss_mib"]) == services | {"total"}
@@ -92,5 +95,5 @@ def test_compare_runs_every_engine_and_reports_cpu_and_memory(tmp_path):
     assert text.startswith("# Benchmarks\n\nhand-written text that must survive\n")
     assert compare.START_MARKER in text and compare.END_MARKER in text
     assert "### CPU during the 2-stream run" in text and "| pagemesh serve | all but the worker |" in text
-    assert f"- {compare.STACK}: " in text  # the stack against in-process
+    assert "on the same workload, 4 prompts 2 at a time" in text and f"- {compare.STACK}: " in text
     assert (tmp_path / "bench_concurrency.png").exists()

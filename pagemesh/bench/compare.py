@@ -6,7 +6,7 @@ One after the other, so that no two share the (small, often shared) machine:
   (c) pagemesh through the whole service stack (`pagemesh serve --dtype bfloat16`): with the
       defaults, with `--kv-cache-dtype int8` and with `--stream-interval 8`, each holding
       llama-server's number of KV tokens;
-  (d) pagemesh in-process (`LLM.generate` on all prompts at once).
+  (d) pagemesh in-process (`LLM.generate`): the highest level's prompts, as many at a time.
 The servers get the same streaming client (`pagemesh.bench.serve`) at each concurrency, closed loop.
 At the highest concurrency every server process's peak memory and CPU-seconds are recorded, the
 client's CPU too: on a small machine what the other processes take is what the worker loses.
@@ -238,6 +238,10 @@ def pagemesh_stack(model: Path, log: Path, extra: list[str]) -> Iterator[tuple[s
 # The runs
 
 
+def level_prompts(a: argparse.Namespace, streams: int) -> int:
+    return int(a.num_prompts_per_level or max(a.min_prompts, 2 * streams))
+
+
 def sweep(engine: str, url: str, pids: dict[str, int], a: argparse.Namespace) -> Run:
     run = Run(engine)
     for i, c in enumerate(a.levels):
@@ -246,7 +250,7 @@ def sweep(engine: str, url: str, pids: dict[str, int], a: argparse.Namespace) ->
             before = peak_rss_mib(pids)  # loading, warm-up and the lower levels
             if not reset_peak_rss(pids):
                 run.note = "peak RSS is over the processes' whole life (clear_refs not writable)"
-        n = a.num_prompts_per_level or max(a.min_prompts, 2 * c)
+        n = level_prompts(a, c)
         args = serve.parse_args(
             [
                 "--base-url", url,
@@ -327,12 +331,13 @@ def run_all(a: argparse.Namespace, model: Path, logs: Path) -> dict[str, Any]:
             res["servers"].append(asdict(sweep(engine, url, pids, a)))
 
     if "inprocess" not in a.skip:
-        print(
-            f"\n(d) pagemesh LLM.generate in-process, {a.inprocess_prompts} prompts at once ...", flush=True
-        )
-        prompts = random_prompts(a.inprocess_prompts, a.input_len, vocab, a.seed)
+        # The servers' highest level as one offline batch: as many prompts, as many at a time.
+        streams = a.levels[-1]
+        n = level_prompts(a, streams)
+        print(f"\n(d) pagemesh LLM.generate in-process, {n} prompts, {streams} at a time ...", flush=True)
+        prompts = random_prompts(n, a.input_len, vocab, a.seed)
         res["offline"].append(
-            offline("inprocess", bench_pagemesh(str(model), prompts, a.output_len, a.dtype))
+            offline("inprocess", bench_pagemesh(str(model), prompts, a.output_len, a.dtype, streams))
         )
     return res
 
@@ -442,9 +447,9 @@ def render(res: dict[str, Any], a: argparse.Namespace, plot_note: str | None) ->
             ip = off["inprocess"]
             out += [
                 "",
-                f"At {a.levels[-1]} streams against in-process LLM.generate (bf16 KV) on {ip['num_prompts']} "
-                "prompts at once (what HTTP, gRPC and separate tokenizer, scheduler and worker processes "
-                "cost):",
+                f"At {a.levels[-1]} streams against in-process LLM.generate (bf16 KV) on the same workload, "
+                f"{ip['num_prompts']} prompts {a.levels[-1]} at a time (what HTTP, gRPC and separate "
+                "tokenizer, scheduler and worker processes cost):",
                 "",
             ]
             for stack in stacks:
@@ -552,7 +557,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--input-len", type=int, default=130)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--hf-prompts", type=int, default=4, help="prompts for HF generate (slow)")
-    p.add_argument("--inprocess-prompts", type=int, default=32)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="HF and in-process")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER"), help="default: $LLAMA_SERVER")
@@ -572,7 +576,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.min_prompts = 8
     if a.quick:
         a.concurrency, a.min_prompts, a.output_len = "1,2", 2, 16
-        a.hf_prompts, a.inprocess_prompts = 1, 4
+        a.hf_prompts = 1
     a.levels = sorted({int(c) for c in a.concurrency.split(",")})
     if a.write is None:
         a.write = not a.quick

@@ -33,10 +33,12 @@ def random_prompts(num: int, length: int, vocab: int, seed: int = 0) -> list[lis
     return [torch.randint(100, vocab, (length,), generator=g).tolist() for _ in range(num)]
 
 
-def bench_pagemesh(model: str, prompts: list[list[int]], output_len: int, dtype: str) -> Result:
+def bench_pagemesh(
+    model: str, prompts: list[list[int]], output_len: int, dtype: str, max_num_seqs: int = 128
+) -> Result:
     from pagemesh import LLM, SamplingParams
 
-    llm = LLM(model, dtype=dtype)
+    llm = LLM(model, dtype=dtype, max_num_seqs=max_num_seqs)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], params.clone(max_tokens=4), use_tqdm=False)
     start = time.perf_counter()
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-len", type=int, default=130)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--max-num-seqs", type=int, default=128, help="sequences the engine runs at once")
     p.add_argument(
         "--hf-baseline",
         type=int,
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     from worker.model_config import ModelConfig
 
     prompts = random_prompts(a.num_prompts, a.input_len, ModelConfig.from_dir(a.model).vocab_size)
-    results = [bench_pagemesh(a.model, prompts, a.output_len, a.dtype)]
+    results = [bench_pagemesh(a.model, prompts, a.output_len, a.dtype, a.max_num_seqs)]
     if a.hf_baseline:
         results.append(bench_hf_sequential(a.model, prompts[: a.hf_baseline], a.output_len, a.dtype))
     for r in results:
