@@ -49,6 +49,15 @@ def test_poisson_arrivals(stack, tmp_path):
     assert s["request_rate"] == 20
 
 
+def test_chat_endpoint(stack, tmp_path):
+    s = run(stack, tmp_path, "--endpoint", "/v1/chat/completions", "--max-concurrency", "2")
+    assert s["errors"] == 0 and s["completed"] == 4 and s["total_output_tokens"] == 4 * 8
+    assert s["endpoint"] == "/v1/chat/completions" and s["output_tokens_from_usage"]
+    # The prompt went in as a user message: the chat template's tokens come on top of its 24.
+    assert all(r["prompt_tokens"] > 24 for r in s["requests"])
+    assert 0 < s["median_ttft_ms"] <= s["p99_e2el_ms"] and s["mean_itl_ms"] > 0
+
+
 def test_shared_prefix_prompts_share_exactly_the_prefix():
     class FakeTokenizer:  # one token per word, as SmolLM2's tokenizer does for WORDS
         async def tokenize(self, text: str) -> list[int]:

@@ -193,8 +193,8 @@ async def send_request(
                     result.error = f"stream error: {str(event['error'])[:300]}"
                     break
                 for choice in event.get("choices") or []:
-                    if not choice.get("text"):
-                        continue
+                    if not (choice.get("text") or (choice.get("delta") or {}).get("content")):
+                        continue  # completions carry "text", chat a "delta" with "content"
                     chunks_with_text += 1
                     if last is None:
                         result.ttft = now - start
@@ -336,10 +336,17 @@ async def benchmark(a: argparse.Namespace, meter: Meter | None = None) -> dict[s
         # cached, as a common system prompt would be).
         warmups, prompts = prompts[a.num_prompts :], prompts[: a.num_prompts]
 
+        chat = a.endpoint.rstrip("/").endswith("/chat/completions")
+
         def body(prompt: Prompt, max_tokens: int) -> dict[str, Any]:
+            # A chat endpoint gets the prompt as one user message (its template adds tokens, which
+            # the usage's prompt_tokens then counts).
+            text = (
+                {"messages": [{"role": "user", "content": prompt.text}]} if chat else {"prompt": prompt.text}
+            )
             b: dict[str, Any] = {
                 "model": model,
-                "prompt": prompt.text,
+                **text,
                 "max_tokens": max_tokens,
                 "temperature": a.temperature,
                 "stream": True,
@@ -434,7 +441,11 @@ def parser() -> argparse.ArgumentParser:
         prog="pagemesh bench serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root, without /v1")
-    p.add_argument("--endpoint", default="/v1/completions")
+    p.add_argument(
+        "--endpoint",
+        default="/v1/completions",
+        help="/v1/completions, or /v1/chat/completions (one user message)",
+    )
     p.add_argument("--model", default=None, help="model name to send (default: the first of /v1/models)")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="default: $OPENAI_API_KEY")
     p.add_argument("--num-prompts", type=int, default=100)
