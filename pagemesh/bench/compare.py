@@ -170,6 +170,7 @@ def sweep(engine: str, url: str, pids: dict[str, int], a: argparse.Namespace) ->
                 "--input-len", str(a.input_len),
                 "--output-len", str(a.output_len),
                 "--seed", str(a.seed),
+                "--disable-tqdm",  # each level prints its summary; the log stays readable
             ]
         )  # fmt: skip
         meter = CpuMeter(pids) if last else None

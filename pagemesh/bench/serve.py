@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiohttp
+from tqdm import tqdm
 
 # Common English words that are each one token (with their leading space) for SmolLM2's BPE, so a
 # prompt of N of them is N tokens even without a tokenizer. Checked against tokenizer.json.
@@ -362,22 +364,28 @@ async def benchmark(a: argparse.Namespace, meter: Meter | None = None) -> dict[s
             if not r.ok:
                 raise RuntimeError(f"warm-up request to {url} failed: {r.error}")
 
-        limit = asyncio.Semaphore(a.max_concurrency) if a.max_concurrency else None
+        limit = asyncio.Semaphore(a.max_concurrency) if a.max_concurrency else contextlib.nullcontext()
+        # On stderr, a few refreshes a second: a long run shows how far it is without costing the
+        # measured machine anything to speak of.
+        bar = tqdm(total=a.num_prompts, desc="requests", unit="req", disable=a.disable_tqdm, file=sys.stderr)
 
         async def one(i: int) -> RequestResult:
-            if limit is None:
-                return await send_request(client, url, body(prompts[i], a.output_len), prompts[i])
             async with limit:
-                return await send_request(client, url, body(prompts[i], a.output_len), prompts[i])
+                result = await send_request(client, url, body(prompts[i], a.output_len), prompts[i])
+            bar.update(1)
+            return result
 
         if meter:
             meter.start()
         start = time.perf_counter()
-        tasks = [
-            asyncio.create_task(one(i))
-            async for i in arrivals(a.num_prompts, a.request_rate, a.burstiness, a.seed)
-        ]
-        results = await asyncio.gather(*tasks)
+        try:
+            tasks = [
+                asyncio.create_task(one(i))
+                async for i in arrivals(a.num_prompts, a.request_rate, a.burstiness, a.seed)
+            ]
+            results = await asyncio.gather(*tasks)
+        finally:
+            bar.close()
         duration = time.perf_counter() - start
         if meter:
             meter.stop()
@@ -476,6 +484,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--timeout", type=float, default=1800.0, help="per-request timeout, seconds")
     p.add_argument("--json-out", default=None, help="write the summary and per-request records here")
+    p.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
     return p
 
 
