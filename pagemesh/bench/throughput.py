@@ -34,11 +34,11 @@ def random_prompts(num: int, length: int, vocab: int, seed: int = 0) -> list[lis
 
 
 def bench_pagemesh(
-    model: str, prompts: list[list[int]], output_len: int, dtype: str, max_num_seqs: int = 128
+    model: str, prompts: list[list[int]], output_len: int, dtype: str, max_num_seqs: int | None = None
 ) -> Result:
     from pagemesh import LLM, SamplingParams
 
-    llm = LLM(model, dtype=dtype, max_num_seqs=max_num_seqs)
+    llm = LLM(model, dtype=dtype, **({"max_num_seqs": max_num_seqs} if max_num_seqs else {}))
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], params.clone(max_tokens=4), use_tqdm=False)
     start = time.perf_counter()
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-len", type=int, default=130)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--max-num-seqs", type=int, default=128, help="sequences the engine runs at once")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="sequences run at once (default: LLM's)")
     p.add_argument(
         "--hf-baseline",
         type=int,
