@@ -12,14 +12,13 @@ to the model dtype as they are read, which gives the values of casting the whole
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from worker import cpu_kernels
-from worker.safetensors_file import SafetensorsFile
+from worker.safetensors_file import SafetensorsFile, pread_exact
 
 
 class FileEmbedding(nn.Module):
@@ -57,5 +56,5 @@ class FileEmbedding(nn.Module):
         for i, index in enumerate(ids.tolist()):
             if not 0 <= index < self.shape[0]:
                 raise IndexError(f"index {index} is out of range for {self.shape[0]} embedding rows")
-            if os.preadv(self.checkpoint.fd, [rows[i]], self.offset + index * row_bytes) != row_bytes:
+            if not pread_exact(self.checkpoint.fd, rows[i].data, self.offset + index * row_bytes):
                 raise ValueError(f"{self.checkpoint.path.name} ends inside the embedding table")

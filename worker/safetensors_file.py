@@ -97,10 +97,17 @@ class SafetensorsFile:
                 f"model: tensor {name!r} of {self.path.name} is {end - start} bytes, not its shape's"
             )
         buffer = tensor.reshape(-1).view(torch.uint8).numpy().data  # a memoryview of its bytes
-        done = 0
-        while done < len(buffer):
-            n = os.preadv(self.fd, [buffer[done:]], self.data_start + start + done)
-            if n <= 0:
-                raise ValueError(f"model: {self.path.name} ends inside tensor {name!r}")
-            done += n
+        if not pread_exact(self.fd, buffer, self.data_start + start):
+            raise ValueError(f"model: {self.path.name} ends inside tensor {name!r}")
         return tensor
+
+
+def pread_exact(fd: int, buffer: memoryview, offset: int) -> bool:
+    """Fill buffer from the file at offset (pread may return less than asked); False at end of file."""
+    done = 0
+    while done < len(buffer):
+        n = os.preadv(fd, [buffer[done:]], offset + done)
+        if n <= 0:
+            return False
+        done += n
+    return True
